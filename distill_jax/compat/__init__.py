@@ -1,0 +1,1 @@
+"""Third-party glue: every line that touches `transformers` lives in `compat.hf`."""
