@@ -1,0 +1,127 @@
+"""Tiny random Hugging Face checkpoints of every supported family, saved to disk.
+
+Tests build models with transformers' PyTorch classes, `save_pretrained` them (safetensors,
+the format the hub serves today) with a small real tokenizer, and load them back through
+our real loader.  Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+
+import transformers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+VOCAB_SIZE = 384
+
+# Small dimensions shared by all families: width 32, 4 heads, 2 layers unless overridden.
+_BASE = dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64)
+
+FAMILIES = ("bert", "roberta", "distilbert", "gpt2", "llama", "mistral", "gemma", "opt", "gpt_neo")
+ENCODER_FAMILIES = ("bert", "roberta", "distilbert")
+
+_TASK_CLASSES = {
+    "masked_lm": transformers.AutoModelForMaskedLM,
+    "causal_lm": transformers.AutoModelForCausalLM,
+    "sequence_classification": transformers.AutoModelForSequenceClassification,
+    "encoder": transformers.AutoModel,
+}
+
+
+def _corpus_lines() -> list[str]:
+  from pydoc_data.topics import topics
+
+  return [line for key in sorted(topics) for line in topics[key].splitlines() if line.strip()]
+
+
+@functools.lru_cache(maxsize=None)
+def _trained_tokenizer(kind: str) -> Tokenizer:
+  """A deterministic WordPiece ('bert') or BPE ('gpt') tokenizer trained on pydoc text."""
+  if kind == "bert":
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=VOCAB_SIZE, special_tokens=specials)
+  else:
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(_corpus_lines()[:4000], trainer=trainer)
+  return tok
+
+
+def tokenizer_for(family: str) -> transformers.PreTrainedTokenizerFast:
+  if family in ENCODER_FAMILIES:
+    from tokenizers import processors
+
+    tok = _trained_tokenizer("bert")
+    tok = Tokenizer.from_str(tok.to_str())
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]", model_max_length=128)
+  tok = _trained_tokenizer("gpt")
+  return transformers.PreTrainedTokenizerFast(
+      tokenizer_object=Tokenizer.from_str(tok.to_str()), pad_token="<pad>", unk_token="<unk>",
+      bos_token="<s>", eos_token="</s>", model_max_length=128)
+
+
+def config_for(family: str, **overrides) -> transformers.PretrainedConfig:
+  """A tiny config of `family`; `overrides` use the HF names of `_BASE` (hidden_size, ...)."""
+  dims = {**_BASE, **overrides}
+  extra = {k: v for k, v in dims.items() if k not in _BASE}
+  h, n, L, f = dims["hidden_size"], dims["num_attention_heads"], dims["num_hidden_layers"], dims["intermediate_size"]
+  common = dict(vocab_size=VOCAB_SIZE, **extra)
+  if family in ("bert", "roberta"):
+    cls = transformers.BertConfig if family == "bert" else transformers.RobertaConfig
+    ids = dict(pad_token_id=0) if family == "bert" else dict(pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    return cls(hidden_size=h, num_attention_heads=n, num_hidden_layers=L, intermediate_size=f,
+               max_position_embeddings=160, **ids, **common)
+  if family == "distilbert":
+    return transformers.DistilBertConfig(dim=h, n_heads=n, n_layers=L, hidden_dim=f, pad_token_id=0,
+                                         max_position_embeddings=128, **common)
+  ids = dict(pad_token_id=0, bos_token_id=2, eos_token_id=3)
+  if family == "gpt2":
+    return transformers.GPT2Config(n_embd=h, n_head=n, n_layer=L, n_inner=f, n_positions=128, **ids, **common)
+  if family in ("llama", "mistral"):
+    cls = transformers.LlamaConfig if family == "llama" else transformers.MistralConfig
+    common.setdefault("num_key_value_heads", max(1, n // 2))
+    return cls(hidden_size=h, num_attention_heads=n, num_hidden_layers=L, intermediate_size=f,
+               max_position_embeddings=128, **ids, **common)
+  if family == "gemma":
+    common.setdefault("num_key_value_heads", max(1, n // 2))
+    return transformers.GemmaConfig(hidden_size=h, num_attention_heads=n, num_hidden_layers=L,
+                                    intermediate_size=f, head_dim=h // n, max_position_embeddings=128,
+                                    **ids, **common)
+  if family == "opt":
+    return transformers.OPTConfig(hidden_size=h, num_attention_heads=n, num_hidden_layers=L, ffn_dim=f,
+                                  word_embed_proj_dim=h, max_position_embeddings=128, **ids, **common)
+  if family == "gpt_neo":
+    return transformers.GPTNeoConfig(hidden_size=h, num_heads=n, num_layers=L, intermediate_size=f,
+                                     attention_types=[[["global", "local"], max(1, L // 2)]] if L % 2 == 0
+                                     else [[["global"], L]], window_size=64, max_position_embeddings=128,
+                                     **ids, **common)
+  raise ValueError(f"family: unknown {family!r}; allowed: {', '.join(FAMILIES)}")
+
+
+def make_checkpoint(path: str | os.PathLike, family: str = "bert", task: str = "masked_lm", *,
+                    seed: int = 0, safetensors: bool = True, **config_overrides) -> pathlib.Path:
+  """Builds a tiny random PyTorch model of `family`/`task` and saves it (+ tokenizer) at `path`."""
+  import torch
+
+  torch.manual_seed(seed)
+  config = config_for(family, **config_overrides)
+  model = _TASK_CLASSES[task].from_config(config)
+  model.eval()
+  path = pathlib.Path(path)
+  model.save_pretrained(path, safe_serialization=safetensors)
+  tokenizer_for(family).save_pretrained(path)
+  return path
