@@ -1,0 +1,28 @@
+"""README must never rot: its first Python example runs, and .ci/run uses its commands."""
+
+import pathlib
+import re
+import subprocess
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _blocks(lang: str) -> list[str]:
+  return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+
+
+def test_readme_api_example_runs():
+  code = _blocks("python")[0]
+  exec(compile(code, "README.md", "exec"), {})
+
+
+def test_readme_has_exactly_two_setup_commands_and_ci_uses_the_test_one():
+  for marker in ("<!-- ci:run -->", "<!-- ci:test -->"):
+    assert README.count(marker) == 1, marker
+  ci = (ROOT / ".ci" / "run").read_text()
+  assert "ci:test" in ci and "README.md" in ci
+  out = subprocess.run(
+      ["awk", r"/<!-- ci:test -->/{f=1;next} f&&/^```/{if(b)exit; b=1; next} f&&b{print}", "README.md"],
+      cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+  assert "pytest" in out and 'pip install -e ".[test]"' in out
