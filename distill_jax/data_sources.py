@@ -1,0 +1,196 @@
+"""Where text comes from: hub datasets, local files, and the built-in offline ``pydoc`` corpus.
+
+Every loader returns a :class:`datasets.Dataset` holding the requested split with the text
+column(s) (and the label column, when named) checked to exist.  Errors are one-line
+``ValueError`` s that name the config field (``data.path``, ``data.format``,
+``data.text_columns``, ...), raised before anything is tokenized.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+import os
+import re
+from collections.abc import Sequence
+from typing import Optional
+
+import datasets
+
+_LOG = logging.getLogger(__name__)
+
+# File suffix -> `datasets` packaged builder.
+FORMATS = {
+    ".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
+    ".txt": "text", ".text": "text",
+}
+_BUILDERS = ("json", "csv", "parquet", "text")
+
+PYDOC = "pydoc"
+# Share of the pydoc paragraphs held out for validation (by a stable hash of their text).
+PYDOC_VALIDATION_PERCENT = 8
+
+
+def load_texts(source: str, *, split: str = "train", name: Optional[str] = None,
+               text_columns: Sequence[str] = ("text",), label_column: Optional[str] = None,
+               data_format: Optional[str] = None, validation_fraction: Optional[float] = None,
+               seed: int = 0, cache_dir: Optional[str] = None) -> datasets.Dataset:
+  """Loads one split of a text dataset, checked against the named columns.
+
+  Args:
+    source: ``"pydoc"`` (built-in offline English prose), a local file or directory of
+      JSON/JSONL/CSV/TSV/Parquet/plain-text files (text: one example per line), or a hub
+      dataset id (read offline from the HF cache when present).
+    split: ``"train"`` or ``"validation"`` (or any split the dataset has).
+    name: hub dataset config name (e.g. ``"sst2"`` for ``glue``).
+    text_columns: one column, or two for text pairs (e.g. ``("sentence1", "sentence2")``).
+    label_column: class-label column for sequence classification, or ``None``.
+    data_format: ``"json" | "csv" | "parquet" | "text"``; inferred from file suffixes when
+      ``None``.
+    validation_fraction: when the source has no ``split``, carve this fraction out of
+      ``"train"`` deterministically (given ``seed``); ``"train"`` then excludes it.
+    seed: seed of the carved split.
+    cache_dir: `datasets` cache directory (``None``: the default HF cache).
+
+  Returns:
+    A ``datasets.Dataset`` of the split, with rows whose texts are all empty removed.
+
+  Raises:
+    ValueError: one line naming the field, for a missing file, unknown format, missing
+      column, unavailable hub dataset, empty dataset or all-empty texts.
+  """
+  text_columns = (text_columns,) if isinstance(text_columns, str) else tuple(text_columns)
+  if not 1 <= len(text_columns) <= 2:
+    raise ValueError(f"data.text_columns: expected one column or a pair, got {list(text_columns)}")
+  if validation_fraction is not None and not 0.0 < validation_fraction < 1.0:
+    raise ValueError(f"data.validation_fraction: must be in (0, 1), got {validation_fraction}")
+  if source == PYDOC:
+    ds = pydoc_corpus(split)
+    splits = None
+  else:
+    splits = _load_local(source, data_format, cache_dir) if _is_path(source) else _load_hub(
+        source, name, cache_dir)
+    ds = _pick_split(splits, split, validation_fraction, seed)
+  _check_columns(ds, text_columns, label_column)
+  return _drop_empty(ds, text_columns)
+
+
+def pydoc_corpus(split: str = "train") -> datasets.Dataset:
+  """Real English prose shipped with Python: paragraphs of ``pydoc_data.topics``.
+
+  Paragraphs are whitespace-normalized, deduplicated, and kept only when they read as prose
+  (at least 8 words, mostly letters, ending like a sentence, no grammar or REPL lines).  A
+  paragraph is in ``"validation"`` when a SHA-1 of its text falls in the first
+  ``PYDOC_VALIDATION_PERCENT`` percent, so the split is identical on every run and machine
+  (and stable for a paragraph even when another Python version adds topics).
+
+  Args:
+    split: ``"train"`` or ``"validation"``.
+
+  Returns:
+    A dataset with one ``"text"`` column.
+  """
+  if split not in ("train", "validation"):
+    raise ValueError(f"data.split: pydoc has splits ['train', 'validation'], got {split!r}")
+  from pydoc_data.topics import topics
+
+  want_validation = split == "validation"
+  seen, texts = set(), []
+  for key in sorted(topics):
+    for para in re.split(r"\n\s*\n", topics[key]):
+      text = " ".join(para.split())
+      if text in seen or not _is_prose(text):
+        continue
+      seen.add(text)
+      bucket = int.from_bytes(hashlib.sha1(text.encode()).digest()[:4], "big") % 100
+      if (bucket < PYDOC_VALIDATION_PERCENT) == want_validation:
+        texts.append(text)
+  return datasets.Dataset.from_dict({"text": texts}, split=datasets.Split(split))
+
+
+def _is_prose(text: str) -> bool:
+  if len(text.split()) < 8 or ">>>" in text or "::=" in text or text[-1] not in ".?!:":
+    return False
+  letters = sum(c.isalpha() or c.isspace() for c in text)
+  return letters >= 0.8 * len(text)
+
+
+def _is_path(source: str) -> bool:
+  if os.path.exists(source):
+    return True
+  return (source.startswith(("/", "./", "../", "~")) or os.path.splitext(source)[1].lower() in FORMATS
+          or any(c in source for c in "*?"))
+
+
+def _load_local(path: str, data_format: Optional[str], cache_dir: Optional[str]) -> datasets.DatasetDict:
+  path = os.path.expanduser(path)
+  if os.path.isdir(path):
+    files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                   if os.path.isfile(f) and (data_format or os.path.splitext(f)[1].lower() in FORMATS))
+    if not files:
+      raise ValueError(f"data.path: no data files ({', '.join(sorted(FORMATS))}) under {path!r}")
+  else:
+    files = sorted(glob.glob(path)) if any(c in path for c in "*?") else [path]
+    if not files or not all(os.path.isfile(f) for f in files):
+      raise ValueError(f"data.path: no such file {path!r}")
+  if data_format is None:
+    kinds = {FORMATS.get(os.path.splitext(f)[1].lower()) for f in files}
+    if None in kinds:
+      bad = next(f for f in files if os.path.splitext(f)[1].lower() not in FORMATS)
+      raise ValueError(f"data.format: cannot infer the format of {bad!r}; allowed suffixes: "
+                       f"{', '.join(sorted(FORMATS))} (or set data.format to one of {', '.join(_BUILDERS)})")
+    if len(kinds) > 1:
+      raise ValueError(f"data.format: mixed formats {sorted(kinds)} under {path!r}; use one")
+    data_format = kinds.pop()
+  if data_format not in _BUILDERS:
+    raise ValueError(f"data.format: unknown {data_format!r}; allowed: {', '.join(_BUILDERS)}")
+  kwargs = {"delimiter": "\t"} if data_format == "csv" and all(f.endswith(".tsv") for f in files) else {}
+  try:
+    return datasets.load_dataset(data_format, data_files={"train": files}, cache_dir=cache_dir, **kwargs)
+  except (datasets.exceptions.DatasetGenerationError, ValueError) as e:
+    cause = str(e.__cause__ or e).splitlines()[0] if str(e.__cause__ or e) else type(e).__name__
+    raise ValueError(f"data.path: cannot read {path!r} as {data_format}: {cause}") from e
+
+
+def _load_hub(name_or_id: str, config_name: Optional[str], cache_dir: Optional[str]) -> datasets.DatasetDict:
+  try:
+    return datasets.load_dataset(name_or_id, config_name, cache_dir=cache_dir)
+  except Exception as e:  # noqa: BLE001 — datasets raises many types for "not available".
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise ValueError(f"data.source: hub dataset {name_or_id!r} (config {config_name!r}) is not available "
+                     f"(offline cache miss or unknown id): {msg}") from e
+
+
+def _pick_split(splits: datasets.DatasetDict, split: str, validation_fraction: Optional[float],
+                seed: int) -> datasets.Dataset:
+  if split in splits and not (validation_fraction and split == "train" and "validation" not in splits):
+    return splits[split]
+  if validation_fraction and "train" in splits and split in ("train", "validation"):
+    if len(splits["train"]) < 2:
+      raise ValueError(f"data.validation_fraction: cannot carve validation from {len(splits['train'])} example(s)")
+    parts = splits["train"].train_test_split(test_size=validation_fraction, seed=seed, shuffle=True)
+    return parts["train" if split == "train" else "test"]
+  hint = "; set data.validation_fraction to carve one from train" if split == "validation" else ""
+  raise ValueError(f"data.split: no split {split!r}; available: {', '.join(splits)}{hint}")
+
+
+def _check_columns(ds: datasets.Dataset, text_columns: Sequence[str], label_column: Optional[str]) -> None:
+  for field, cols in (("data.text_columns", text_columns), ("data.label_column", [label_column] if label_column else [])):
+    missing = [c for c in cols if c not in ds.column_names]
+    if missing:
+      raise ValueError(f"{field}: no column {missing[0]!r}; the dataset has {ds.column_names}")
+  if len(ds) == 0:
+    raise ValueError(f"data.source: the dataset {ds.split or ''} split is empty")
+
+
+def _drop_empty(ds: datasets.Dataset, text_columns: Sequence[str]) -> datasets.Dataset:
+  def nonempty(batch):
+    return [any(isinstance(t, str) and t.strip() for t in texts) for texts in zip(*(batch[c] for c in text_columns))]
+
+  kept = ds.filter(nonempty, batched=True, desc="drop empty texts")
+  if len(kept) == 0:
+    raise ValueError(f"data.text_columns: all {len(ds)} texts in {list(text_columns)} are empty")
+  if len(kept) < len(ds):
+    _LOG.warning("data: dropped %d of %d examples with empty %s", len(ds) - len(kept), len(ds), list(text_columns))
+  return kept
