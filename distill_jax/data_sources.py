@@ -145,10 +145,12 @@ def _load_local(path: str, data_format: Optional[str], cache_dir: Optional[str])
     data_format = kinds.pop()
   if data_format not in _BUILDERS:
     raise ValueError(f"data.format: unknown {data_format!r}; allowed: {', '.join(_BUILDERS)}")
+  if all(os.path.getsize(f) == 0 for f in files):
+    raise ValueError(f"data.path: {path!r} is empty (no examples)")
   kwargs = {"delimiter": "\t"} if data_format == "csv" and all(f.endswith(".tsv") for f in files) else {}
   try:
     return datasets.load_dataset(data_format, data_files={"train": files}, cache_dir=cache_dir, **kwargs)
-  except (datasets.exceptions.DatasetGenerationError, ValueError) as e:
+  except Exception as e:  # noqa: BLE001 — parse errors surface as many types.
     cause = str(e.__cause__ or e).splitlines()[0] if str(e.__cause__ or e) else type(e).__name__
     raise ValueError(f"data.path: cannot read {path!r} as {data_format}: {cause}") from e
 
