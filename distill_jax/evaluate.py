@@ -1,0 +1,538 @@
+"""Task metrics, teacher-student agreement and efficiency measurements.
+
+Every per-batch metric is a pure, jittable function returning ``(sum, count)`` (or an
+additive count matrix), so batches, devices and hosts aggregate by plain addition and
+padded examples (all-zero ``attention_mask`` rows) contribute nothing.  Ratios
+(accuracy, perplexity, ...) are formed once, on the host, by the ``finalize_*``
+functions.
+
+Label convention for language modelling: ``labels[b, t]`` is the target of
+``logits[b, t]`` (already shifted for causal LM); a position counts where
+``loss_mask`` (if present) and ``attention_mask`` are set and ``labels >= 0``.
+
+Metric names returned by :func:`evaluate`, per task:
+
+* ``causal_lm`` / ``masked_lm``: ``nll``, ``perplexity``, ``teacher_nll``,
+  ``teacher_perplexity`` (when the batches carry ``labels``), ``top1_agreement``,
+  ``kl_teacher_student``, ``num_tokens``, ``num_examples``.
+* ``sequence_classification``: ``accuracy``, ``macro_f1``, ``teacher_accuracy``,
+  ``teacher_macro_f1`` (when the batches carry ``labels``), ``top1_agreement``,
+  ``kl_teacher_student``, ``num_examples``.
+* ``encoder``: ``embedding_cosine`` (only when student and teacher widths match),
+  ``similarity_spearman``, ``num_examples``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import statistics
+import time
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.stats
+
+LM_TASKS = ("causal_lm", "masked_lm")
+TASKS = LM_TASKS + ("sequence_classification", "encoder")
+
+# Spearman over N examples ranks N(N-1)/2 pairs; beyond this many examples, use the first.
+MAX_SPEARMAN_EXAMPLES = 2048
+
+# ----------------------------------------------------------------------------- masks
+
+
+def example_mask(batch: Mapping[str, jax.Array]) -> jax.Array:
+  """Real (non-padding) examples: ``attention_mask.any(-1)``.
+
+  Args:
+    batch: a batch with ``attention_mask`` ``[B, T]``.
+
+  Returns:
+    ``[B]`` bool.
+  """
+  return jnp.asarray(batch["attention_mask"]).astype(bool).any(-1)
+
+
+def token_mask(batch: Mapping[str, jax.Array], *, require_labels: bool = False) -> jax.Array:
+  """Positions that count for token-level metrics.
+
+  Args:
+    batch: a batch with ``attention_mask`` ``[B, T]`` and optionally ``loss_mask`` and
+      ``labels`` ``[B, T]``.
+    require_labels: also require ``labels >= 0`` (ignore-index positions drop out).
+
+  Returns:
+    ``[B, T]`` bool: ``attention_mask & loss_mask [& labels >= 0]``.
+  """
+  mask_BxT = jnp.asarray(batch["attention_mask"]).astype(bool)
+  if "loss_mask" in batch:
+    mask_BxT &= jnp.asarray(batch["loss_mask"]).astype(bool)
+  if require_labels:
+    mask_BxT &= jnp.asarray(batch["labels"]) >= 0
+  return mask_BxT
+
+
+# ----------------------------------------------------------------- per-batch metrics
+
+
+def _sum_and_count(values: jax.Array, where: jax.Array) -> tuple[jax.Array, jax.Array]:
+  where = jnp.broadcast_to(where, values.shape)
+  values = jnp.where(where, values.astype(jnp.float32), 0.0)
+  return values.sum(), where.sum().astype(jnp.float32)
+
+
+def _shared(student_logits: jax.Array, teacher_logits: jax.Array,
+            shared_vocab: Optional[int]) -> tuple[jax.Array, jax.Array]:
+  if shared_vocab is not None:
+    student_logits = student_logits[..., :shared_vocab]
+    teacher_logits = teacher_logits[..., :shared_vocab]
+  if student_logits.shape[-1] != teacher_logits.shape[-1]:
+    raise ValueError(
+        f"shared_vocab: student has {student_logits.shape[-1]} output classes, teacher "
+        f"{teacher_logits.shape[-1]}; pass shared_vocab=<size of the common vocabulary>")
+  return student_logits, teacher_logits
+
+
+def nll_sum_and_count(logits: jax.Array, labels: jax.Array,
+                      where: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Summed negative log-likelihood of ``labels`` and the number of counted positions.
+
+  Args:
+    logits: ``[..., V]``.
+    labels: ``[...]`` int; entries outside ``where`` may be anything (e.g. ``-100``).
+    where: ``[...]`` bool.
+
+  Returns:
+    ``(sum, count)`` float32 scalars; ``exp(sum / count)`` is the perplexity.
+  """
+  logp_xV = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  safe_labels = jnp.where(where, labels, 0).astype(jnp.int32)
+  nll = -jnp.take_along_axis(logp_xV, safe_labels[..., None], axis=-1)[..., 0]
+  return _sum_and_count(nll, where)
+
+
+def top1_agreement_sum_and_count(student_logits: jax.Array, teacher_logits: jax.Array,
+                                 where: jax.Array, *, shared_vocab: Optional[int] = None
+                                 ) -> tuple[jax.Array, jax.Array]:
+  """Number of positions where student and teacher argmax agree, and the count.
+
+  Args:
+    student_logits: ``[..., V_s]``.
+    teacher_logits: ``[..., V_t]``.
+    where: ``[...]`` bool.
+    shared_vocab: compare only the first ``shared_vocab`` entries of both.
+
+  Returns:
+    ``(sum, count)`` float32 scalars.
+  """
+  student_logits, teacher_logits = _shared(student_logits, teacher_logits, shared_vocab)
+  agree = jnp.argmax(student_logits, -1) == jnp.argmax(teacher_logits, -1)
+  return _sum_and_count(agree, where)
+
+
+def kl_sum_and_count(student_logits: jax.Array, teacher_logits: jax.Array,
+                     where: jax.Array, *, shared_vocab: Optional[int] = None
+                     ) -> tuple[jax.Array, jax.Array]:
+  """Summed ``KL(p_teacher || p_student)`` at temperature 1, and the count.
+
+  .. math:: \\sum_v p_T(v) (\\log p_T(v) - \\log p_S(v))
+
+  Args:
+    student_logits: ``[..., V_s]``.
+    teacher_logits: ``[..., V_t]``.
+    where: ``[...]`` bool.
+    shared_vocab: renormalize both over their first ``shared_vocab`` entries.
+
+  Returns:
+    ``(sum, count)`` float32 scalars.
+  """
+  student_logits, teacher_logits = _shared(student_logits, teacher_logits, shared_vocab)
+  logp_s = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
+  logp_t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), axis=-1)
+  kl = jnp.sum(jnp.exp(logp_t) * (logp_t - logp_s), axis=-1)
+  return _sum_and_count(kl, where)
+
+
+def confusion_matrix(logits_BxC: jax.Array, labels_B: jax.Array, where_B: jax.Array
+                     ) -> jax.Array:
+  """Confusion counts of ``argmax(logits)`` against ``labels`` over ``where``.
+
+  Args:
+    logits_BxC: ``[B, C]``.
+    labels_B: ``[B]`` int in ``[0, C)`` where ``where_B`` is set.
+    where_B: ``[B]`` bool.
+
+  Returns:
+    ``[C, C]`` float32, ``[true, predicted]``; additive across batches.
+  """
+  num_classes = logits_BxC.shape[-1]
+  weight_B = where_B.astype(jnp.float32)
+  true_BxC = jax.nn.one_hot(labels_B, num_classes, dtype=jnp.float32) * weight_B[:, None]
+  pred_BxC = jax.nn.one_hot(jnp.argmax(logits_BxC, -1), num_classes, dtype=jnp.float32)
+  return true_BxC.T @ pred_BxC
+
+
+def cosine_sum_and_count(student_BxH: jax.Array, teacher_BxH: jax.Array, where_B: jax.Array,
+                         *, eps: float = 1e-8) -> tuple[jax.Array, jax.Array]:
+  """Summed cosine similarity between paired student and teacher embeddings.
+
+  Args:
+    student_BxH: ``[B, H]``.
+    teacher_BxH: ``[B, H]``.
+    where_B: ``[B]`` bool.
+    eps: floor on the norms.
+
+  Returns:
+    ``(sum, count)`` float32 scalars.
+  """
+  s = student_BxH.astype(jnp.float32)
+  t = teacher_BxH.astype(jnp.float32)
+  norms_B = jnp.maximum(jnp.linalg.norm(s, axis=-1) * jnp.linalg.norm(t, axis=-1), eps)
+  return _sum_and_count(jnp.sum(s * t, -1) / norms_B, where_B)
+
+
+# ------------------------------------------------------------------ host finalizers
+
+
+def finalize_mean(total: float, count: float) -> float:
+  """``total / count``, NaN when nothing was counted."""
+  return float(total) / float(count) if count else float("nan")
+
+
+def finalize_perplexity(nll_sum: float, count: float) -> float:
+  """``exp(nll_sum / count)``."""
+  return float(np.exp(finalize_mean(nll_sum, count)))
+
+
+def finalize_classification(confusion_CxC: np.ndarray) -> dict[str, float]:
+  """Accuracy and macro-F1 from confusion counts ``[true, predicted]``.
+
+  Macro-F1 averages per-class ``2 TP / (2 TP + FP + FN)`` over the classes that occur
+  as a label or as a prediction (sklearn's ``f1_score(average="macro")``).
+
+  Args:
+    confusion_CxC: ``[C, C]`` counts.
+
+  Returns:
+    ``{"accuracy", "macro_f1"}``.
+  """
+  confusion_CxC = np.asarray(confusion_CxC, np.float64)
+  tp_C = np.diag(confusion_CxC)
+  total = confusion_CxC.sum()
+  denom_C = confusion_CxC.sum(0) + confusion_CxC.sum(1)  # 2 TP + FP + FN
+  present_C = denom_C > 0
+  f1_C = 2 * tp_C[present_C] / denom_C[present_C]
+  return {
+      "accuracy": float(tp_C.sum() / total) if total else float("nan"),
+      "macro_f1": float(f1_C.mean()) if f1_C.size else float("nan"),
+  }
+
+
+def similarity_spearman(student_NxH: np.ndarray, teacher_NxM: np.ndarray) -> float:
+  """Spearman correlation of student and teacher pairwise cosine similarities.
+
+  Compares the strict upper triangles of the two ``[N, N]`` cosine matrices; the widths
+  ``H`` and ``M`` may differ.
+
+  Args:
+    student_NxH: ``[N, H]`` embeddings (padding already dropped).
+    teacher_NxM: ``[N, M]`` embeddings of the same examples.
+
+  Returns:
+    Spearman's rho; NaN for fewer than 3 examples.
+  """
+  if len(student_NxH) != len(teacher_NxM):
+    raise ValueError(f"{len(student_NxH)} student vs {len(teacher_NxM)} teacher embeddings")
+  if len(student_NxH) < 3:
+    return float("nan")
+
+  def cosine_matrix(x_NxH):
+    x_NxH = np.asarray(x_NxH, np.float64)
+    x_NxH = x_NxH / np.maximum(np.linalg.norm(x_NxH, axis=-1, keepdims=True), 1e-12)
+    return x_NxH @ x_NxH.T
+
+  rows, cols = np.triu_indices(len(student_NxH), k=1)
+  rho = scipy.stats.spearmanr(cosine_matrix(student_NxH)[rows, cols],
+                              cosine_matrix(teacher_NxM)[rows, cols]).statistic
+  return float(rho)
+
+
+# ---------------------------------------------------------------------- evaluation
+
+
+def outputs_for_task(task: str) -> tuple[str, ...]:
+  """The model outputs that evaluation needs for ``task``."""
+  if task not in TASKS:
+    raise ValueError(f"task: {task!r} is not one of {', '.join(TASKS)}")
+  return ("pooled",) if task == "encoder" else ("logits",)
+
+
+def batch_stats(student_out: Any, teacher_out: Any, batch: Mapping[str, jax.Array], *,
+                task: str, shared_vocab: Optional[int] = None) -> dict[str, Any]:
+  """Additive per-batch statistics for ``task`` (pure, jittable).
+
+  Args:
+    student_out: student ``ModelOutputs`` (``logits`` or ``pooled`` set).
+    teacher_out: teacher ``ModelOutputs``.
+    batch: the batch both were computed on.
+    task: one of :data:`TASKS`.
+    shared_vocab: compare logits over the first ``shared_vocab`` entries only.
+
+  Returns:
+    A dict of ``(sum, count)`` pairs and, for classification, ``[C, C]`` confusion
+    matrices; :func:`finalize_stats` turns the summed dict into metrics.
+  """
+  ex_mask_B = example_mask(batch)
+  stats: dict[str, Any] = {"num_examples": (ex_mask_B.sum().astype(jnp.float32), 1.0)}
+  if task == "encoder":
+    s_BxH, t_BxM = student_out.pooled, teacher_out.pooled
+    if s_BxH.shape[-1] == t_BxM.shape[-1]:
+      stats["embedding_cosine"] = cosine_sum_and_count(s_BxH, t_BxM, ex_mask_B)
+    return stats
+  s_logits, t_logits = student_out.logits, teacher_out.logits
+  has_labels = "labels" in batch
+  if task == "sequence_classification":
+    where = ex_mask_B
+    if has_labels:
+      labels_B = jnp.asarray(batch["labels"]).astype(jnp.int32)
+      stats["confusion"] = confusion_matrix(s_logits, labels_B, ex_mask_B)
+      stats["teacher_confusion"] = confusion_matrix(t_logits, labels_B, ex_mask_B)
+  else:
+    where = token_mask(batch) & ex_mask_B[:, None]
+    if has_labels:
+      labels_BxT = jnp.asarray(batch["labels"])
+      label_mask_BxT = token_mask(batch, require_labels=True)
+      stats["nll"] = nll_sum_and_count(s_logits, labels_BxT, label_mask_BxT)
+      stats["teacher_nll"] = nll_sum_and_count(t_logits, labels_BxT, label_mask_BxT)
+    stats["num_tokens"] = (where.sum().astype(jnp.float32), 1.0)
+  stats["top1_agreement"] = top1_agreement_sum_and_count(
+      s_logits, t_logits, where, shared_vocab=shared_vocab)
+  stats["kl_teacher_student"] = kl_sum_and_count(
+      s_logits, t_logits, where, shared_vocab=shared_vocab)
+  return stats
+
+
+def finalize_stats(stats: Mapping[str, Any]) -> dict[str, float]:
+  """Metrics from summed :func:`batch_stats` (host side).
+
+  Args:
+    stats: the statistics of all batches, summed (confusion matrices included).
+
+  Returns:
+    A flat ``{name: float}`` dict (see the module docstring for the names).
+  """
+  metrics: dict[str, float] = {}
+  for name, value in stats.items():
+    if name.endswith("confusion"):
+      prefix = name[:-len("confusion")]
+      for key, metric in finalize_classification(np.asarray(value)).items():
+        metrics[prefix + key] = metric
+    elif name.startswith("num_"):
+      metrics[name] = float(value[0])
+    else:
+      metrics[name] = finalize_mean(*value)
+      if name.endswith("nll"):
+        metrics[name[:-len("nll")] + "perplexity"] = finalize_perplexity(*value)
+  return metrics
+
+
+def _apply_kwargs(outputs: tuple[str, ...], pooling: Optional[str]) -> dict[str, Any]:
+  kwargs: dict[str, Any] = {"outputs": outputs}
+  if pooling is not None:
+    kwargs["pooling"] = pooling
+  return kwargs
+
+
+def _eval_step(student_apply: Callable, teacher_apply: Callable, task: str,
+               shared_vocab: Optional[int], apply_kwargs: dict[str, Any],
+               student_params: Any, teacher_params: Any, batch: Mapping[str, jax.Array]):
+  student_out = student_apply(student_params, batch, **apply_kwargs)
+  teacher_out = teacher_apply(teacher_params, batch, **apply_kwargs)
+  stats = batch_stats(student_out, teacher_out, batch, task=task, shared_vocab=shared_vocab)
+  if task == "encoder":
+    return stats, (student_out.pooled, teacher_out.pooled)
+  return stats, None
+
+
+# (student, teacher, shared_vocab, pooling) -> jitted step.  The models are kept alive in
+# the value so that their ids cannot be reused; small FIFO bound.
+_STEP_CACHE: dict[tuple, tuple[Any, Any, Callable]] = {}
+_STEP_CACHE_SIZE = 8
+
+
+def make_eval_step(student: Any, teacher: Any, *, shared_vocab: Optional[int] = None,
+                   pooling: Optional[str] = None) -> Callable:
+  """The jitted ``(student_params, teacher_params, batch) -> (stats, pooled)`` step.
+
+  Cached per (student, teacher, shared_vocab, pooling), so repeated evaluations during
+  training compile once per batch shape.  Params are arguments, never closed over.
+
+  Args:
+    student: a model with ``.task`` and ``.apply``.
+    teacher: a model with the same ``.task``.
+    shared_vocab: see :func:`batch_stats`.
+    pooling: forwarded to ``apply`` when not ``None``.
+
+  Returns:
+    The jitted step; ``pooled`` is ``(student [B, H], teacher [B, M])`` for encoders.
+  """
+  task = student.task
+  if teacher.task != task:
+    raise ValueError(f"task: student is {task!r} but teacher is {teacher.task!r}")
+  key = (id(student), id(teacher), shared_vocab, pooling)
+  if key not in _STEP_CACHE:
+    if len(_STEP_CACHE) >= _STEP_CACHE_SIZE:
+      del _STEP_CACHE[next(iter(_STEP_CACHE))]
+    step = jax.jit(functools.partial(
+        _eval_step, student.apply, teacher.apply, task, shared_vocab,
+        _apply_kwargs(outputs_for_task(task), pooling)))
+    _STEP_CACHE[key] = (student, teacher, step)
+  return _STEP_CACHE[key][2]
+
+
+def evaluate(student: Any, student_params: Any, teacher: Any, teacher_params: Any,
+             batches: Iterable[Mapping[str, Any]], *, max_batches: Optional[int] = None,
+             shared_vocab: Optional[int] = None, pooling: Optional[str] = None
+             ) -> dict[str, float]:
+  """Task metrics and teacher agreement of ``student`` over ``batches``.
+
+  Args:
+    student: a model with ``.task`` and ``.apply(params, batch, *, outputs=...)``.
+    student_params: its params (pass the initialization for the undistilled student).
+    teacher: a model with the same ``.task``.
+    teacher_params: its params.
+    batches: an iterable of batch dicts (padded examples have all-zero
+      ``attention_mask`` rows and are ignored).
+    max_batches: stop after this many batches.
+    shared_vocab: compare logits over the first ``shared_vocab`` entries only.
+    pooling: forwarded to ``apply`` when not ``None``.
+
+  Returns:
+    ``{metric name: value}``; the names per task are listed in the module docstring.
+  """
+  step = make_eval_step(student, teacher, shared_vocab=shared_vocab, pooling=pooling)
+  per_batch, pooled, masks = [], [], []
+  for i, batch in enumerate(batches):
+    if max_batches is not None and i >= max_batches:
+      break
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    stats, embeddings = step(student_params, teacher_params, batch)
+    per_batch.append(stats)  # fetched at the end: the loop never waits on the device
+    if embeddings is not None:
+      pooled.append(embeddings)
+      masks.append(example_mask(batch))
+  if not per_batch:
+    raise ValueError("evaluate: no batches (empty eval set or max_batches=0)")
+  per_batch = jax.device_get(per_batch)
+  summed = jax.tree.map(lambda *xs: np.sum(np.asarray(xs, np.float64), axis=0), *per_batch)
+  metrics = finalize_stats(summed)
+  if pooled:
+    pooled, masks = jax.device_get((pooled, masks))
+    keep_N = np.concatenate(masks)
+    student_NxH = np.concatenate([s for s, _ in pooled])[keep_N][:MAX_SPEARMAN_EXAMPLES]
+    teacher_NxM = np.concatenate([t for _, t in pooled])[keep_N][:MAX_SPEARMAN_EXAMPLES]
+    metrics["similarity_spearman"] = similarity_spearman(student_NxH, teacher_NxM)
+  return metrics
+
+
+# ---------------------------------------------------------------------- efficiency
+
+
+def count_params(params: Any) -> int:
+  """Number of scalar parameters in a pytree."""
+  return int(sum(np.size(x) for x in jax.tree.leaves(params)))
+
+
+def params_nbytes(params: Any) -> int:
+  """Bytes taken by the parameter arrays of a pytree (in their current dtypes)."""
+  return int(sum(np.size(x) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params)))
+
+
+def dir_size_bytes(path: str | os.PathLike) -> int:
+  """Total size of the regular files under ``path`` (symlinks not followed)."""
+  if os.path.isfile(path):
+    return os.path.getsize(path)
+  total = 0
+  for root, _, files in os.walk(path):
+    for name in files:
+      file_path = os.path.join(root, name)
+      if not os.path.islink(file_path):
+        total += os.path.getsize(file_path)
+  return total
+
+
+def measure_throughput(model: Any, params: Any, batch: Mapping[str, Any], *, warmup: int = 2,
+                       iters: int = 10, pooling: Optional[str] = None) -> dict[str, float]:
+  """Inference throughput of ``model`` on ``batch`` on the default device.
+
+  The forward pass (the outputs :func:`evaluate` requests for the task) is jitted; the
+  first ``warmup`` calls (compilation included) are not timed; the median of ``iters``
+  timed calls, each ended by ``block_until_ready``, is used.
+
+  Args:
+    model: a model with ``.task`` and ``.apply``.
+    params: its params.
+    batch: one batch (its real examples and tokens are what is counted).
+    warmup: untimed calls first (at least 1).
+    iters: timed calls.
+    pooling: forwarded to ``apply`` when not ``None``.
+
+  Returns:
+    ``{"examples_per_s", "tokens_per_s", "seconds_per_batch"}``.
+  """
+  kwargs = _apply_kwargs(outputs_for_task(model.task), pooling)
+  forward = jax.jit(lambda p, b: model.apply(p, b, **kwargs))
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  for _ in range(max(warmup, 1)):
+    jax.block_until_ready(forward(params, batch))
+  times = []
+  for _ in range(max(iters, 1)):
+    start = time.perf_counter()
+    jax.block_until_ready(forward(params, batch))
+    times.append(time.perf_counter() - start)
+  seconds = max(statistics.median(times), 1e-12)
+  attention_BxT = np.asarray(batch["attention_mask"]).astype(bool)
+  return {
+      "examples_per_s": float(attention_BxT.any(-1).sum() / seconds),
+      "tokens_per_s": float(attention_BxT.sum() / seconds),
+      "seconds_per_batch": float(seconds),
+  }
+
+
+def measure_efficiency(student: Any, student_params: Any, teacher: Any, teacher_params: Any,
+                       batch: Mapping[str, Any], *, student_dir: Optional[str] = None,
+                       teacher_dir: Optional[str] = None, warmup: int = 2, iters: int = 10,
+                       pooling: Optional[str] = None) -> dict[str, Any]:
+  """Sizes and throughput of student and teacher, in the form :mod:`report` reads.
+
+  Args:
+    student: the student model.
+    student_params: its params.
+    teacher: the teacher model.
+    teacher_params: its params.
+    batch: the batch to time both on.
+    student_dir: the exported student's directory, for its on-disk size.
+    teacher_dir: the teacher checkpoint's directory, for its on-disk size.
+    warmup: see :func:`measure_throughput`.
+    iters: see :func:`measure_throughput`.
+    pooling: forwarded to ``apply`` when not ``None``.
+
+  Returns:
+    ``{"device", "{teacher,student}_params", "{teacher,student}_param_bytes",
+    "{teacher,student}_disk_bytes" (None without a dir),
+    "{teacher,student}_examples_per_s", "{teacher,student}_tokens_per_s"}``.
+  """
+  result: dict[str, Any] = {"device": jax.devices()[0].device_kind}
+  for role, model, params, path in (("teacher", teacher, teacher_params, teacher_dir),
+                                    ("student", student, student_params, student_dir)):
+    speed = measure_throughput(model, params, batch, warmup=warmup, iters=iters,
+                               pooling=pooling)
+    result[f"{role}_params"] = count_params(params)
+    result[f"{role}_param_bytes"] = params_nbytes(params)
+    result[f"{role}_disk_bytes"] = dir_size_bytes(path) if path is not None else None
+    result[f"{role}_examples_per_s"] = speed["examples_per_s"]
+    result[f"{role}_tokens_per_s"] = speed["tokens_per_s"]
+  return result
