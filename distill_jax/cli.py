@@ -1,0 +1,150 @@
+"""`distill-jax`: the thin command-line entry point.
+
+All logic lives in importable modules (`trainer`, `evaluate`, `checkpoint`); this file only
+parses arguments and turns user errors into one-line messages with a non-zero exit code
+(the full traceback only with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+_TRAIN_HELP = """\
+Distill a teacher into a student.
+
+CONFIG is a YAML file (see configs/; each file starts with the command that runs it).
+With no CONFIG the embedded default runs: the pretrained all-MiniLM-L6-v2 encoder is
+distilled into a 3-layer student on the built-in Python-documentation corpus.
+
+Every option of the config can be overridden with dotted KEY=VALUE pairs, values parsed
+as YAML, for example:
+  train.steps=100  train.run_dir=runs/try1  optimizer.learning_rate=3e-4
+  objective.terms[0].temperature=4.0  data.source=my.jsonl  data.text_columns=[text]
+  teachers.teacher.path=/path/to/hf/checkpoint  mesh.data=4 mesh.fsdp=2
+  distributed.coordinator=127.0.0.1:1234 distributed.num_processes=2 distributed.process_id=0
+The run resumes automatically from the latest checkpoint in train.run_dir.
+"""
+
+
+class UserError(Exception):
+  """An error caused by the user's input: printed as one line, no traceback."""
+
+
+def _split_config_and_overrides(items: Sequence[str]) -> tuple[str | None, list[str]]:
+  config = None
+  overrides = []
+  for i, item in enumerate(items):
+    if i == 0 and "=" not in item:
+      config = item
+    else:
+      overrides.append(item)
+  return config, overrides
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+  from distill_jax import config as config_lib
+  from distill_jax import trainer
+
+  path, overrides = _split_config_and_overrides(args.items)
+  if path is not None and not os.path.isfile(path):
+    raise UserError(f"config: file {path!r} does not exist")
+  cfg = config_lib.load_config(path, overrides)
+  result = trainer.train(cfg)
+  print(f"run directory: {result.run_dir}")
+  return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+  from distill_jax import trainer
+
+  report = trainer.evaluate_run(args.run_dir, overrides=args.overrides)
+  print(f"report: {os.path.join(args.run_dir, 'report.md')}")
+  return 0 if report else 1
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+  from distill_jax import trainer
+
+  out = trainer.export_run(args.run_dir, args.out_dir, overwrite=args.overwrite, step=args.step)
+  print(f"exported student: {out}")
+  return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+  import runpy
+
+  here = os.path.dirname(os.path.abspath(__file__))
+  candidates = [os.path.join(os.getcwd(), "benchmarks", f"{args.script}.py"),
+                os.path.join(os.path.dirname(here), "benchmarks", f"{args.script}.py")]
+  script = next((c for c in candidates if os.path.isfile(c)), None)
+  if script is None:
+    raise UserError(f"bench: no benchmarks/{args.script}.py found (run from the repository root)")
+  sys.argv = [script, *args.args]
+  runpy.run_path(script, run_name="__main__")
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="distill-jax",
+      description="Knowledge distillation for language models on JAX accelerators.")
+  parser.add_argument("--debug", action="store_true",
+                      help="show full tracebacks for errors instead of a one-line message")
+  sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+  p = sub.add_parser("train", help="distill a teacher into a student (default: the embedded MiniLM run)",
+                     description=_TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [KEY=VALUE ...]",
+                 help="optional YAML config followed by dotted overrides")
+  p.set_defaults(func=_cmd_train)
+
+  p = sub.add_parser("eval", help="evaluate a run's latest checkpoint against its teacher and write the report",
+                     description="Evaluate the latest checkpoint of RUN_DIR (task metrics, agreement with "
+                     "the teacher before and after distillation, sizes and throughput) and rewrite "
+                     "RUN_DIR/report.md, report.json and the curves PNG.")
+  p.add_argument("run_dir", help="a run directory written by `distill-jax train`")
+  p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                 help="overrides of the saved config (e.g. train.eval_batches=0 for the full set)")
+  p.set_defaults(func=_cmd_eval)
+
+  p = sub.add_parser("export", help="export a run's student as a Hugging Face checkpoint",
+                     description="Write the student of RUN_DIR (latest checkpoint, or --step) to OUT_DIR as a "
+                     "Hugging Face checkpoint: flax_model.msgpack, PyTorch-named model.safetensors, "
+                     "config and tokenizer. The write is atomic (temp dir + rename).")
+  p.add_argument("run_dir", help="a run directory written by `distill-jax train`")
+  p.add_argument("out_dir", help="where to write the checkpoint (must be empty or absent)")
+  p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step to export (default: latest)")
+  p.set_defaults(func=_cmd_export)
+
+  p = sub.add_parser("bench", help="run a benchmark script from benchmarks/",
+                     description="Hand over to benchmarks/SCRIPT.py with the remaining arguments, e.g. "
+                     "`distill-jax bench step --preset bert-base`. Scripts: step, torch_reference, "
+                     "vocab_kl, scaling, data.")
+  p.add_argument("script", help="benchmark name (step, torch_reference, vocab_kl, scaling, data)")
+  p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
+  p.set_defaults(func=_cmd_bench)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  try:
+    return args.func(args)
+  except (UserError, ValueError, FileNotFoundError, KeyError) as e:  # user input errors
+    if args.debug:
+      raise
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f"distill-jax: error: {msg}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("distill-jax: interrupted", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())
