@@ -1,0 +1,288 @@
+"""One pure train step, and the wrappers that run it: `jax.jit` with shardings, `pmap`.
+
+`train_step` is a module-level pure function.  Everything static (how to run the models,
+the objective, the optimizer) is bound with `functools.partial`; the three array
+arguments are the state (donated), the teacher params (an explicit argument, never
+closed over, never donated) and the batch.
+
+PRNG: ``key = fold_in(state.rng, state.step)``; ``dropout_rng, transform_rng =
+split(key)``.  Under `pmap` the key is further folded with the device index so that
+devices draw different dropout/masking noise.  A run is therefore a function of
+``(seed, step)``: resuming at step ``n`` draws the same keys as an uninterrupted run.
+
+Non-finite handling: when the loss or any gradient is NaN/inf the update is discarded —
+params and optimizer state (gradient-accumulation buffers included) are kept as they
+were — and ``metrics["nonfinite"]`` is 1.  ``state.step`` still increments, so the data
+order and PRNG keys of later steps stay aligned with an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax.sharding import Mesh
+
+from distill_jax import sharding as sharding_lib
+from distill_jax.state import TrainState, create_train_state
+
+Batch = Mapping[str, jax.Array]
+ApplyFn = Callable[..., Any]  # (params, batch, *, outputs, train=False, rng=None) -> ModelOutputs
+BatchTransform = Callable[[jax.Array, Batch], Batch]
+
+PMAP_AXIS = "batch"
+
+
+def _step_keys(state: TrainState, axis_name: Optional[str]) -> tuple[jax.Array, jax.Array]:
+  key = jax.random.fold_in(state.rng, state.step)
+  if axis_name is not None:
+    key = jax.random.fold_in(key, lax.axis_index(axis_name))
+  dropout_rng, transform_rng = jax.random.split(key)
+  return dropout_rng, transform_rng
+
+
+def _teacher_outputs(teacher_params: Mapping[str, Any], batch: Batch, teacher_applies: Mapping[str, ApplyFn],
+                     objective) -> dict[str, Any]:
+  outs = {}
+  for name in objective.teacher_names:
+    out = teacher_applies[name](teacher_params[name], batch, outputs=objective.outputs_for(name))
+    outs[name] = jax.tree.map(lax.stop_gradient, out)
+  return outs
+
+
+def _reduce_metrics(metrics: dict[str, Any], axis_name: Optional[str]) -> dict[str, Any]:
+  if axis_name is None:
+    return metrics
+  return {k: lax.psum(v, axis_name) for k, v in metrics.items()}
+
+
+def train_step(state: TrainState, teacher_params: Mapping[str, Any], batch: Batch, *, student_apply: ApplyFn,
+               teacher_applies: Mapping[str, ApplyFn], objective, optimizer: optax.GradientTransformation,
+               batch_transform: Optional[BatchTransform] = None,
+               axis_name: Optional[str] = None) -> tuple[TrainState, dict[str, Any]]:
+  """One distillation update.
+
+  Args:
+    state: the `TrainState` (params ``{"student", "projections"}``).
+    teacher_params: ``{teacher_name: params}``; only read, never differentiated.
+    batch: dict of ``[B, ...]`` arrays (``input_ids``, ``attention_mask``, ...).
+    student_apply: ``(params, batch, *, outputs, train, rng) -> ModelOutputs``.
+    teacher_applies: ``{teacher_name: apply}``; teachers run with ``train=False``.
+    objective: an `distill_jax.objective.Objective`.
+    optimizer: the optax transformation the state was created with.
+    batch_transform: optional pure ``(rng, batch) -> batch`` run first inside the step
+      (e.g. MLM dynamic masking), seen by teachers and student alike.
+    axis_name: set by the `pmap` wrapper: the local batch is one shard of the global one;
+      token counts are summed over the axis so the loss is the global token mean.
+
+  Returns:
+    ``(new_state, metrics)``; metrics hold ``{term: (sum, count)}`` (global),
+    ``"loss"``, ``"grad_norm"`` and ``"nonfinite"`` (1 when the update was skipped).
+  """
+  dropout_rng, transform_rng = _step_keys(state, axis_name)
+  if batch_transform is not None:
+    batch = batch_transform(transform_rng, batch)
+  teacher_outs = _teacher_outputs(teacher_params, batch, teacher_applies, objective)
+  scale = 1.0 if axis_name is None else lax.psum(1.0, axis_name)
+
+  def loss_fn(params):
+    student_out = student_apply(params["student"], batch, outputs=objective.outputs_for("student"), train=True,
+                                rng=dropout_rng)
+    loss, metrics = objective(student_out, teacher_outs, batch, params["projections"], state.step,
+                              axis_name=axis_name)
+    # Under pmap `loss` is this device's share of the global loss; scaling by the device
+    # count makes the pmean of gradients the gradient of the global loss.
+    return loss * scale, (loss, metrics)
+
+  grads, (loss, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
+  if axis_name is not None:
+    grads = lax.pmean(grads, axis_name)
+    loss = lax.psum(loss, axis_name)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jnp.where(finite, new, old)
+  new_state = state.replace(step=state.step + 1, params=jax.tree.map(keep, params, state.params),
+                            opt_state=jax.tree.map(keep, opt_state, state.opt_state))
+  metrics = dict(metrics, loss=loss, grad_norm=grad_norm, nonfinite=(~finite).astype(jnp.int32))
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, teacher_params: Mapping[str, Any], batch: Batch, *, student_apply: ApplyFn,
+              teacher_applies: Mapping[str, ApplyFn], objective, batch_transform: Optional[BatchTransform] = None,
+              axis_name: Optional[str] = None) -> dict[str, Any]:
+  """The objective on one batch without an update (student in eval mode); see `train_step`."""
+  _, transform_rng = _step_keys(state, axis_name)
+  if batch_transform is not None:
+    batch = batch_transform(transform_rng, batch)
+  teacher_outs = _teacher_outputs(teacher_params, batch, teacher_applies, objective)
+  student_out = student_apply(state.params["student"], batch, outputs=objective.outputs_for("student"))
+  loss, metrics = objective(student_out, teacher_outs, batch, state.params["projections"], state.step,
+                            axis_name=axis_name)
+  if axis_name is not None:
+    loss = lax.psum(loss, axis_name)
+  return dict(metrics, loss=loss, nonfinite=(~jnp.isfinite(loss)).astype(jnp.int32))
+
+
+def _leading_size(batch: Batch) -> int:
+  sizes = {int(np.shape(v)[0]) for v in batch.values()}
+  if len(sizes) != 1:
+    raise ValueError(f"data: batch arrays disagree on the batch size: {sorted(sizes)}")
+  return sizes.pop()
+
+
+# --------------------------------------------------------------------------- jit + shardings
+
+
+class JitStep(NamedTuple):
+  """The jitted step and the shardings its arguments must have.
+
+  ``train(state, teacher_params, batch) -> (state, metrics)`` donates ``state``;
+  ``eval(state, teacher_params, batch) -> metrics``.  Both check that the global batch
+  divides over the mesh (``data.global_batch_size``) before any compilation.
+  """
+
+  train: Callable
+  eval: Callable
+  state_sharding: Any
+  teacher_sharding: Any
+  batch_sharding: Any
+  mesh: Mesh
+
+
+def state_shardings(state_shapes: Any, mesh: Mesh, *, min_shard_size: int = sharding_lib.DEFAULT_MIN_SHARD_SIZE):
+  """Shardings of a `TrainState` (or its `jax.eval_shape`) by the fsdp size rule."""
+  return sharding_lib.param_shardings(state_shapes, mesh, min_size=min_shard_size)
+
+
+def init_sharded_state(student_params: Any, optimizer: optax.GradientTransformation, mesh: Mesh, *,
+                       projection_params: Any = None, seed: int = 0,
+                       min_shard_size: int = sharding_lib.DEFAULT_MIN_SHARD_SIZE) -> TrainState:
+  """Creates the `TrainState` directly in its sharded layout.
+
+  Shapes come from `jax.eval_shape`; the params are placed shard by shard (each process
+  cuts its shards from its host copy) and the optimizer state is created by
+  ``jit(init, out_shardings=...)``, so no device ever holds the whole state.
+  """
+  projection_params = {} if projection_params is None else projection_params
+  init = functools.partial(create_train_state, optimizer=optimizer, seed=seed)
+
+  def init_fn(student, projections):
+    return init(student, projection_params=projections)
+
+  shapes = jax.eval_shape(init_fn, student_params, projection_params)
+  shardings = state_shardings(shapes, mesh, min_shard_size=min_shard_size)
+  student = sharding_lib.put_global(student_params, shardings.params["student"])
+  projections = sharding_lib.put_global(projection_params, shardings.params["projections"])
+  return jax.jit(init_fn, out_shardings=shardings)(student, projections)
+
+
+def shard_teacher_params(teacher_params: Mapping[str, Any], mesh: Mesh, *,
+                         min_shard_size: int = sharding_lib.DEFAULT_MIN_SHARD_SIZE) -> dict[str, Any]:
+  """Places each teacher's params on the mesh, sharded over ``fsdp`` by the same size rule."""
+  shardings = sharding_lib.param_shardings(dict(teacher_params), mesh, min_size=min_shard_size)
+  return sharding_lib.put_global(dict(teacher_params), shardings)
+
+
+def make_jit_step(*, student_apply: ApplyFn, teacher_applies: Mapping[str, ApplyFn], objective,
+                  optimizer: optax.GradientTransformation, mesh: Mesh, state: Any, teacher_params: Mapping[str, Any],
+                  batch_transform: Optional[BatchTransform] = None,
+                  min_shard_size: int = sharding_lib.DEFAULT_MIN_SHARD_SIZE) -> JitStep:
+  """Binds `train_step`/`eval_step` and jits them with `NamedSharding`s on ``mesh``.
+
+  Args:
+    student_apply, teacher_applies, objective, optimizer, batch_transform: as in `train_step`.
+    mesh: a ``("data", "fsdp")`` mesh from `sharding.make_mesh`.
+    state: the state or its `jax.eval_shape` (only shapes are read).
+    teacher_params: the teacher params or their shapes (only shapes are read).
+    min_shard_size: leaves smaller than this are replicated.
+
+  Returns:
+    A `JitStep`.
+  """
+  state_sharding = state_shardings(jax.eval_shape(lambda s: s, state), mesh, min_shard_size=min_shard_size)
+  teacher_sharding = sharding_lib.param_shardings(jax.eval_shape(lambda t: t, dict(teacher_params)), mesh,
+                                                  min_size=min_shard_size)
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  replicated = sharding_lib.replicated(mesh)
+  common = dict(student_apply=student_apply, teacher_applies=teacher_applies, objective=objective,
+                batch_transform=batch_transform)
+  train_jit = jax.jit(functools.partial(train_step, optimizer=optimizer, **common),
+                      in_shardings=(state_sharding, teacher_sharding, batch_sharding),
+                      out_shardings=(state_sharding, replicated), donate_argnums=0)
+  eval_jit = jax.jit(functools.partial(eval_step, **common),
+                     in_shardings=(state_sharding, teacher_sharding, batch_sharding), out_shardings=replicated)
+
+  def train(state, teacher_params, batch):
+    sharding_lib.check_batch_size(_leading_size(batch), mesh)
+    return train_jit(state, dict(teacher_params), dict(batch))
+
+  def evaluate(state, teacher_params, batch):
+    sharding_lib.check_batch_size(_leading_size(batch), mesh)
+    return eval_jit(state, dict(teacher_params), dict(batch))
+
+  train.jitted, evaluate.jitted = train_jit, eval_jit
+  return JitStep(train, evaluate, state_sharding, teacher_sharding, batch_sharding, mesh)
+
+
+# --------------------------------------------------------------------------- pmap
+
+
+def replicate(tree: Any, devices=None) -> Any:
+  """Copies ``tree`` onto every device along a new leading axis (pmap layout)."""
+  devices = list(jax.local_devices() if devices is None else devices)
+  sharding = jax.sharding.PmapSharding.default((len(devices),), sharded_dim=0, devices=devices)
+  return jax.tree.map(lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding), tree)
+
+
+def unreplicate(tree: Any) -> Any:
+  """The first replica of a pmapped tree."""
+  return jax.tree.map(lambda x: x[0], tree)
+
+
+class PmapStep(NamedTuple):
+  """``train(state_r, teacher_params_r, batch) -> (state_r, metrics)`` and ``eval``.
+
+  ``state_r`` / ``teacher_params_r`` are `replicate`d; ``batch`` is the global batch
+  ``[B, ...]`` (split into ``[D, B/D, ...]`` here); metrics are returned unreplicated.
+  """
+
+  train: Callable
+  eval: Callable
+  devices: tuple
+
+
+def make_pmap_step(*, student_apply: ApplyFn, teacher_applies: Mapping[str, ApplyFn], objective,
+                   optimizer: optax.GradientTransformation, batch_transform: Optional[BatchTransform] = None,
+                   devices=None) -> PmapStep:
+  """The same `train_step` under `jax.pmap` (``axis_name="batch"``, pmean of gradients)."""
+  devices = tuple(jax.local_devices() if devices is None else devices)
+  n = len(devices)
+  common = dict(student_apply=student_apply, teacher_applies=teacher_applies, objective=objective,
+                batch_transform=batch_transform, axis_name=PMAP_AXIS)
+  train_p = jax.pmap(functools.partial(train_step, optimizer=optimizer, **common), axis_name=PMAP_AXIS,
+                     devices=devices, donate_argnums=0)
+  eval_p = jax.pmap(functools.partial(eval_step, **common), axis_name=PMAP_AXIS, devices=devices)
+
+  def split(batch):
+    size = _leading_size(batch)
+    if size % n:
+      raise ValueError(f"data.global_batch_size={size} is not divisible by the {n} pmap devices")
+    return {k: jnp.reshape(v, (n, size // n) + tuple(np.shape(v)[1:])) for k, v in batch.items()}
+
+  def train(state, teacher_params, batch):
+    state, metrics = train_p(state, dict(teacher_params), split(batch))
+    return state, unreplicate(metrics)
+
+  def evaluate(state, teacher_params, batch):
+    return unreplicate(eval_p(state, dict(teacher_params), split(batch)))
+
+  train.pmapped, evaluate.pmapped = train_p, eval_p
+  return PmapStep(train, evaluate, devices)
