@@ -278,8 +278,7 @@ def load_model(name_or_path: str | os.PathLike, task: str = "causal_lm", *, dtyp
   path = hf.resolve_checkpoint(name_or_path, revision)
   overrides = {} if num_labels is None else {"num_labels": int(num_labels)}
   config = hf.load_config(path, **overrides)
-  module, params_shape, prefix = hf.build_module(config, task, dtype)
-  params = hf.read_params(path, config, params_shape, prefix, param_dtype=param_dtype)
+  module, params = hf.load_checkpoint(path, config, task, dtype=dtype, param_dtype=param_dtype)
   return _make(module, params, config, hf.load_tokenizer(path), task, dtype)
 
 

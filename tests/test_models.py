@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -101,3 +103,126 @@ def test_parity_with_pytorch(checkpoint, case):
   expected = (last * valid[..., None]).sum(1) / valid.sum(1, keepdims=True)
   np.testing.assert_allclose(out.pooled, expected, atol=1e-5)
   assert out.values is None and out.attention_scores is None
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "gpt2", "opt"])
+def test_scores_and_values(checkpoint, family):
+  task = "masked_lm" if family in tiny.ENCODER_FAMILIES else "causal_lm"
+  model = dm.load_model(checkpoint(family, task), task=task)
+  assert {"attention_scores", "values"} <= model.capabilities
+  batch = make_batch(family)
+  apply = jax.jit(lambda p, b: model.apply(p, b, outputs=("attention_scores", "attention_probs", "values")))
+  out = apply(model.params, batch)
+  valid = batch["attention_mask"].astype(bool)
+  b, t = valid.shape
+  assert len(out.attention_scores) == len(out.values) == model.num_layers
+  keys = valid[:, None, None, :]
+  if family not in tiny.ENCODER_FAMILIES:
+    keys = keys & np.tril(np.ones((t, t), bool))[None, None]
+  rows = valid[:, None, :, None]
+  for scores, probs, values in zip(out.attention_scores, out.attention_probs, out.values):
+    assert scores.shape == (b, model.num_heads, t, t) and values.shape == (b, t, model.hidden_size)
+    np.testing.assert_array_equal(np.asarray(scores)[~np.broadcast_to(keys, scores.shape)], -1e4)
+    np.testing.assert_allclose(np.where(rows & keys, jax.nn.softmax(scores, -1), 0),
+                               np.where(rows & keys, probs, 0), atol=1e-5)
+  assert out.logits is None and out.hidden_states is None
+
+
+def test_values_match_pytorch_value_projection(checkpoint):
+  path = checkpoint("bert", "masked_lm")
+  model = dm.load_model(path, task="masked_lm")
+  batch = make_batch("bert")
+  out = model.apply(model.params, batch, outputs=("values", "hidden_states"))
+  pt = tiny._TASK_CLASSES["masked_lm"].from_pretrained(path).eval()
+  for i, values in enumerate(out.values):
+    value_layer = pt.bert.encoder.layer[i].attention.self.value
+    with torch.no_grad():
+      expected = value_layer(torch.tensor(np.asarray(out.hidden_states[i]))).numpy()
+    np.testing.assert_allclose(values, expected, atol=TOL)
+
+
+def test_pooling_cls_and_jit_dropout(checkpoint):
+  model = dm.load_model(checkpoint("bert", "masked_lm"), task="masked_lm")
+  batch = make_batch("bert")
+  out = model.apply(model.params, batch, outputs=("pooled", "hidden_states"), pooling="cls")
+  np.testing.assert_array_equal(out.pooled, out.hidden_states[-1][:, 0])
+  apply = jax.jit(lambda p, b, rng: model.apply(p, b, train=True, rng=rng))
+  a = apply(model.params, batch, jax.random.key(0)).logits
+  b = apply(model.params, batch, jax.random.key(1)).logits
+  assert not np.allclose(a, b)  # dropout is on
+  same = model.apply(model.params, batch, train=True).logits  # no rng: deterministic
+  np.testing.assert_allclose(same, model.apply(model.params, batch).logits, atol=1e-6)
+
+
+def test_bfloat16_params_and_compute(checkpoint):
+  path = checkpoint("llama", "causal_lm")
+  model = dm.load_model(path, task="causal_lm", dtype="bfloat16", param_dtype="bfloat16")
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(model.params))
+  ref = dm.load_model(path, task="causal_lm")
+  batch = make_batch("llama")
+  logits = model.apply(model.params, batch).logits
+  assert logits.dtype == jnp.bfloat16
+  valid = batch["attention_mask"].astype(bool)
+  diff = np.abs(np.asarray(logits, np.float32) - np.asarray(ref.apply(ref.params, batch).logits))[valid]
+  assert diff.max() < 0.05
+
+
+def test_missing_weight_is_listed(checkpoint, tmp_path):
+  import shutil
+
+  import safetensors.numpy
+
+  src = checkpoint("bert", "masked_lm")
+  shutil.copytree(src, tmp_path / "ckpt")
+  state = safetensors.numpy.load_file(src / "model.safetensors")
+  del state["bert.encoder.layer.1.attention.self.key.weight"]
+  safetensors.numpy.save_file(state, tmp_path / "ckpt" / "model.safetensors", metadata={"format": "pt"})
+  with pytest.raises(ValueError, match=r"checkpoint: .*bert/encoder/layer/1/attention/self/key/kernel"):
+    dm.load_model(tmp_path / "ckpt", task="masked_lm")
+
+
+def test_untied_llama_head_without_lm_head_is_an_error(checkpoint, tmp_path):
+  import shutil
+
+  import safetensors.numpy
+
+  src = checkpoint("llama", "causal_lm", False)
+  shutil.copytree(src, tmp_path / "ckpt")
+  state = safetensors.numpy.load_file(src / "model.safetensors")
+  del state["lm_head.weight"]
+  safetensors.numpy.save_file(state, tmp_path / "ckpt" / "model.safetensors", metadata={"format": "pt"})
+  with pytest.raises(ValueError, match="lm_head/kernel"):
+    dm.load_model(tmp_path / "ckpt", task="causal_lm")
+
+
+def test_unused_weights_warn_and_head_into_base(checkpoint):
+  with pytest.warns(UserWarning, match="unused weight"):
+    model = dm.load_model(checkpoint("bert", "masked_lm"), task="encoder")
+  assert "cls" not in model.params
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(task="translation"), "task: unknown 'translation'"),
+    (dict(task="sequence_classification"), "task: 'sequence_classification' is not available for family 'gpt2'"),
+    (dict(task="causal_lm", dtype="int8"), "dtype: "),
+])
+def test_bad_arguments(checkpoint, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    dm.load_model(checkpoint("gpt2", "causal_lm"), **kwargs)
+
+
+def test_bad_sources(tmp_path, monkeypatch):
+  with pytest.raises(ValueError, match="name_or_path: .* holds no checkpoint"):
+    dm.load_model(tmp_path, task="encoder")
+  monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+  with pytest.raises(ValueError, match="name_or_path: .*no network.*HF_HUB_OFFLINE"):
+    dm.load_model("nobody/not-a-model", task="encoder")
+
+
+def test_unsupported_outputs(checkpoint):
+  model = dm.load_model(checkpoint("llama", "causal_lm"), task="causal_lm")
+  assert "values" not in model.capabilities
+  with pytest.raises(ValueError, match="outputs: 'values' is not available for family 'llama'"):
+    model.apply(model.params, make_batch("llama"), outputs=("logits", "values"))
+  with pytest.raises(ValueError, match="outputs: unknown 'logprobs'"):
+    model.check_outputs(("logprobs",))

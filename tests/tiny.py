@@ -79,7 +79,7 @@ def config_for(family: str, **overrides) -> transformers.PretrainedConfig:
   dims = {**_BASE, **overrides}
   extra = {k: v for k, v in dims.items() if k not in _BASE}
   h, n, L, f = dims["hidden_size"], dims["num_attention_heads"], dims["num_hidden_layers"], dims["intermediate_size"]
-  common = dict(vocab_size=VOCAB_SIZE, **extra)
+  common = {"vocab_size": VOCAB_SIZE, **extra}  # a larger vocab_size = padded embedding
   if family in ("bert", "roberta"):
     cls = transformers.BertConfig if family == "bert" else transformers.RobertaConfig
     ids = dict(pad_token_id=0) if family == "bert" else dict(pad_token_id=0, bos_token_id=2, eos_token_id=3)

@@ -68,6 +68,9 @@ _WORD_EMBEDDINGS = {
     "gemma": ("model", "embed_tokens", "embedding"),
 }
 
+# PyTorch buffers some checkpoints carry (not weights): never reported as unused.
+_BUFFERS = frozenset({"position_ids", "masked_bias", "inv_freq"})
+
 _FLAX_WEIGHTS = "flax_model.msgpack"
 _SAFE_WEIGHTS = "model.safetensors"
 _PT_WEIGHTS = "pytorch_model.bin"
@@ -170,10 +173,10 @@ def load_tokenizer(path: pathlib.Path) -> Optional[transformers.PreTrainedTokeni
 # ----------------------------------------------------------------------------- modules
 
 
-def build_module(config: transformers.PretrainedConfig, task: str, dtype: Any):
+def build_module(config: transformers.PretrainedConfig, task: str, dtype: Any, **module_kwargs):
   """(flax module, required params shape tree, base_model_prefix) without materializing params."""
   cls = flax_class(config.model_type, task)
-  hf_model = cls(config, dtype=jnp.dtype(dtype), _do_init=False)
+  hf_model = cls(config, dtype=jnp.dtype(dtype), _do_init=False, **module_kwargs)
   return hf_model.module, hf_model.params_shape_tree, cls.base_model_prefix
 
 
@@ -286,19 +289,31 @@ def _fix_prefix(flat: dict, required: set, prefix: str) -> dict:
   return flat
 
 
-def read_params(path: pathlib.Path, config, params_shape, prefix: str, *, param_dtype: Any) -> dict:
-  """Verified params of a checkpoint directory, as a nested dict of `param_dtype` arrays.
+def load_checkpoint(path: pathlib.Path, config, task: str, *, dtype: Any, param_dtype: Any):
+  """Builds the module of `config`/`task` and reads its verified params from `path`.
+
+  An `encoder` of a checkpoint without a pooler (e.g. a masked-LM one) is built without
+  the pooling layer, which `Model.apply` never uses.
+
+  Returns:
+    `(module, params)`, params a nested dict of `param_dtype` arrays (non-floats kept).
 
   Raises:
     ValueError: if a weight the module needs is missing (listing them) or has the wrong shape.
   """
+  is_flax = (path / _FLAX_WEIGHTS).exists() or (path / f"{_FLAX_WEIGHTS}.index.json").exists()
+  raw = _load_flax_weights(path) if is_flax else _load_pt_state_dict(path)
+  has_pooler = any("pooler" in (k if isinstance(k, tuple) else k.split(".")) for k in raw)
+  module_kwargs = {}
+  if task == "encoder" and config.model_type in ("bert", "roberta") and not has_pooler:
+    module_kwargs["add_pooling_layer"] = False
+  module, params_shape, prefix = build_module(config, task, dtype, **module_kwargs)
   required_shapes = flatten_dict(params_shape)
-  if (path / _FLAX_WEIGHTS).exists() or (path / f"{_FLAX_WEIGHTS}.index.json").exists():
-    flat = _fix_prefix(_load_flax_weights(path), set(required_shapes), prefix)
+  if is_flax:
+    flat = _fix_prefix(raw, set(required_shapes), prefix)
   else:
-    pt_state = _load_pt_state_dict(path)
     flat = flatten_dict(modeling_flax_pytorch_utils.convert_pytorch_state_dict_to_flax(
-        pt_state, _ShapeOnlyModel(params_shape, prefix)))
+        raw, _ShapeOnlyModel(params_shape, prefix)))
   family = config.model_type
   if getattr(config, "tie_word_embeddings", False) and family in _WORD_EMBEDDINGS:
     # transformers' Flax Llama/Mistral never tie: their lm_head is a free Dense that a tied
@@ -310,7 +325,7 @@ def read_params(path: pathlib.Path, config, params_shape, prefix: str, *, param_
   if missing:
     raise ValueError(f"checkpoint: {str(path)!r} lacks {len(missing)} weight(s) the {family} module needs: "
                      f"{', '.join(missing)}")
-  unused = sorted("/".join(k) for k in flat if k not in required_shapes)
+  unused = sorted("/".join(k) for k in flat if k not in required_shapes and k[-1] not in _BUFFERS)
   if unused:
     warnings.warn(f"checkpoint {str(path)!r}: {len(unused)} unused weight(s) ignored: "
                   f"{', '.join(unused[:20])}{' ...' if len(unused) > 20 else ''}", stacklevel=3)
@@ -318,10 +333,10 @@ def read_params(path: pathlib.Path, config, params_shape, prefix: str, *, param_
            if tuple(np.shape(flat[k])) != tuple(s.shape)]
   if wrong:
     raise ValueError(f"checkpoint: weights of the wrong shape: {', '.join(wrong)}")
-  dtype = jnp.dtype(param_dtype)
-  params = {k: jnp.asarray(flat[k], dtype=dtype if jnp.issubdtype(s.dtype, jnp.floating) else s.dtype)
+  floating = jnp.dtype(param_dtype)
+  params = {k: jnp.asarray(flat[k], dtype=floating if jnp.issubdtype(s.dtype, jnp.floating) else s.dtype)
             for k, s in required_shapes.items()}
-  return unflatten_dict(params)
+  return module, unflatten_dict(params)
 
 
 def flax_to_pt_state_dict(params, config) -> dict[str, np.ndarray]:

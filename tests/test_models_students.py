@@ -1,0 +1,121 @@
+"""Students derived from teachers, HF export, layer maps and vocabulary checks."""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax.traverse_util import flatten_dict
+
+import tiny
+import distill_jax.models as dm
+from test_models import TOL, checkpoint, make_batch  # noqa: F401  (session fixture)
+
+
+def _layer(params, family, i):
+  prefix = {"bert": ("bert", "encoder", "layer"), "llama": ("model", "layers"), "gpt_neo": ("transformer", "h")}
+  node = params
+  for part in prefix[family]:
+    node = node[part]
+  return node[str(i)]
+
+
+@pytest.mark.parametrize("family, task", [("bert", "masked_lm"), ("llama", "causal_lm"), ("gpt_neo", "causal_lm")])
+def test_init_student_copies_chosen_layers(checkpoint, family, task):
+  teacher = dm.load_model(checkpoint(family, task, num_hidden_layers=4), task=task)
+  student = dm.init_student(teacher, layers=[0, 2])
+  assert student.num_layers == 2 and student.family == family and student.tokenizer is teacher.tokenizer
+  for s, t in ((0, 0), (1, 2)):
+    jax.tree.map(np.testing.assert_array_equal, _layer(student.params, family, s), _layer(teacher.params, family, t))
+  t_flat, s_flat = flatten_dict(teacher.params), flatten_dict(student.params)
+  for key, value in s_flat.items():
+    assert value.dtype == np.float32
+    if not any(p in ("layer", "layers", "h") for p in key):  # embeddings, final norm, head
+      np.testing.assert_array_equal(value, t_flat[key])
+  out = student.apply(student.params, make_batch(family), outputs=("logits", "hidden_states"))
+  assert len(out.hidden_states) == 3
+  every_other = dm.init_student(teacher, num_layers=2)
+  jax.tree.map(np.testing.assert_array_equal, every_other.params, student.params)
+
+
+def test_init_student_new_width_and_bad_layers(checkpoint):
+  teacher = dm.load_model(checkpoint("bert", "masked_lm", num_hidden_layers=4), task="masked_lm")
+  narrow = dm.init_student(teacher, num_layers=2, hidden_size=16, intermediate_size=32)
+  assert (narrow.hidden_size, narrow.num_layers, narrow.num_heads) == (16, 2, 4)
+  assert narrow.apply(narrow.params, make_batch("bert")).logits.shape == (2, 8, teacher.hf_config.vocab_size)
+  with pytest.raises(ValueError, match=r"layers: \[0, 4\]"):
+    dm.init_student(teacher, layers=[0, 4])
+  with pytest.raises(ValueError, match="num_layers: 5"):
+    dm.init_student(teacher, num_layers=5)
+
+
+@pytest.mark.parametrize("family, task", [("bert", "masked_lm"), ("distilbert", "sequence_classification"),
+                                          ("gpt2", "causal_lm"), ("llama", "causal_lm"), ("opt", "causal_lm")])
+def test_save_pretrained_loads_in_pytorch(checkpoint, tmp_path, family, task):
+  teacher = dm.load_model(checkpoint(family, task, num_hidden_layers=4), task=task)
+  student = dm.init_student(teacher, num_layers=2)
+  params = jax.tree.map(lambda x: x + 0.01, student.params)  # "trained"; unties what was tied
+  if family == "llama":  # keep the tie a tied config promises
+    params["lm_head"]["kernel"] = params["model"]["embed_tokens"]["embedding"].T
+  out_dir = student.save_pretrained(params, tmp_path / "student")
+  batch = make_batch(family)
+  ours = student.apply(params, batch).logits
+  pt, info = tiny._TASK_CLASSES[task].from_pretrained(out_dir, output_loading_info=True)
+  assert not info["missing_keys"] and not info["mismatched_keys"], info
+  kwargs = {}
+  if family not in tiny.ENCODER_FAMILIES:
+    kwargs["position_ids"] = torch.tensor(np.maximum(np.cumsum(batch["attention_mask"], -1) - 1, 0))
+  with torch.no_grad():
+    theirs = pt.eval()(input_ids=torch.tensor(batch["input_ids"]),
+                       attention_mask=torch.tensor(batch["attention_mask"]), **kwargs).logits.numpy()
+  valid = batch["attention_mask"].astype(bool)
+  if task == "sequence_classification":
+    np.testing.assert_allclose(ours, theirs, atol=TOL)
+  else:
+    np.testing.assert_allclose(np.asarray(ours)[valid], theirs[valid], atol=TOL)
+  reloaded = dm.load_model(out_dir, task=task)  # flax_model.msgpack
+  jax.tree.map(np.testing.assert_array_equal, reloaded.params, params)
+  (out_dir / "flax_model.msgpack").unlink()  # the PyTorch-named safetensors alone
+  from_safetensors = dm.load_model(out_dir, task=task)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), from_safetensors.params, params)
+
+
+def test_model_from_config_dict():
+  config = tiny.config_for("gpt2").to_dict()
+  model = dm.model_from_config(config, "causal_lm", seed=1)
+  assert model.family == "gpt2" and model.tokenizer is None and model.vocab_size == tiny.VOCAB_SIZE
+  assert model.apply(model.params, make_batch("gpt2")).logits.shape == (2, 8, tiny.VOCAB_SIZE)
+  with pytest.raises(ValueError, match="family: unknown model_type 't5'"):
+    dm.model_from_config({"model_type": "t5"}, "causal_lm")
+
+
+@pytest.mark.parametrize("strategy, expected", [
+    ("uniform", ((1, 3), (2, 6), (3, 9), (4, 12))),
+    ("last", ((4, 12),)),
+    ([2, 4, 8, 12], ((1, 2), (2, 4), (3, 8), (4, 12))),
+    ([(0, 0), (4, 12)], ((0, 0), (4, 12))),
+])
+def test_layer_map(strategy, expected):
+  assert dm.layer_map(12, 4, strategy) == expected
+
+
+@pytest.mark.parametrize("args", [(12, 4, [1, 2, 13, 4]), (12, 4, [1, 2]), (12, 4, "middle"), (2, 4, "uniform"),
+                                  (12, 4, [(5, 3)])])
+def test_layer_map_errors(args):
+  with pytest.raises(ValueError, match="^layers: "):
+    dm.layer_map(*args)
+
+
+def test_check_vocab(checkpoint, caplog):
+  bert = dm.load_model(checkpoint("bert", "masked_lm"), task="masked_lm")
+  gpt2 = dm.load_model(checkpoint("gpt2", "causal_lm"), task="causal_lm")
+  assert dm.check_vocab(gpt2, dm.init_student(gpt2, num_layers=1)) == len(gpt2.tokenizer)
+  with pytest.raises(ValueError, match="^vocab: "):
+    dm.check_vocab(bert, gpt2)
+  padded = dm.load_model(checkpoint("gpt2", "causal_lm", vocab_size=tiny.VOCAB_SIZE + 64), task="causal_lm")
+  with caplog.at_level(logging.INFO, logger="distill_jax.models"):
+    assert dm.check_vocab(padded, gpt2) == len(gpt2.tokenizer)
+  assert "sliced" in caplog.text
