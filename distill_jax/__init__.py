@@ -29,7 +29,6 @@ _LAZY = {
     "load_config": ("distill_jax.config", "load_config"),
     "train": ("distill_jax.trainer", "train"),
     "RunResult": ("distill_jax.trainer", "RunResult"),
-    "evaluate": ("distill_jax.evaluate", "evaluate"),
     "export_student": ("distill_jax.checkpoint", "export_student"),
 }
 
