@@ -1,0 +1,53 @@
+"""The public loss API: pure, unreduced, float32, mask-aware distillation losses.
+
+Three families (logits, features, relations), the chunked large-vocabulary KL, and the
+masked reductions that turn unreduced values into a scalar or a ``(sum, count)`` metric.
+"""
+
+from __future__ import annotations
+
+from distill_jax.losses._feature import attention_kl
+from distill_jax.losses._feature import attention_mse
+from distill_jax.losses._feature import cosine_distance
+from distill_jax.losses._feature import hidden_mse
+from distill_jax.losses._feature import value_relation_kl
+from distill_jax.losses._logit import cross_entropy
+from distill_jax.losses._logit import forward_kl
+from distill_jax.losses._logit import generalized_jsd
+from distill_jax.losses._logit import reverse_kl
+from distill_jax.losses._logit import skew_kl
+from distill_jax.losses._logit import skew_reverse_kl
+from distill_jax.losses._logit import total_variation
+from distill_jax.losses._reduce import masked_mean
+from distill_jax.losses._reduce import masked_sum_and_count
+from distill_jax.losses._relation import relation_matrix
+from distill_jax.losses._relation import rkd_angle
+from distill_jax.losses._relation import rkd_distance
+from distill_jax.losses._relation import similarity_preserving
+from distill_jax.losses._relation import token_relation
+from distill_jax.losses._vocab import chunked_forward_kl
+from distill_jax.losses._vocab import chunked_generalized_jsd
+
+__all__ = [
+    "attention_kl",
+    "attention_mse",
+    "chunked_forward_kl",
+    "chunked_generalized_jsd",
+    "cosine_distance",
+    "cross_entropy",
+    "forward_kl",
+    "generalized_jsd",
+    "hidden_mse",
+    "masked_mean",
+    "masked_sum_and_count",
+    "relation_matrix",
+    "reverse_kl",
+    "rkd_angle",
+    "rkd_distance",
+    "similarity_preserving",
+    "skew_kl",
+    "skew_reverse_kl",
+    "token_relation",
+    "total_variation",
+    "value_relation_kl",
+]

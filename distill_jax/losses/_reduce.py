@@ -1,0 +1,72 @@
+"""Masked reductions and the mask helpers every loss family shares.
+
+Losses return unreduced values; callers reduce them here.  Metrics travel as
+``(sum, count)`` so that they can be summed over hosts and divided once.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+
+def broadcast_mask(where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array | None:
+  """Broadcasts an optional boolean mask to ``shape`` (``None`` stays ``None``)."""
+  if where is None:
+    return None
+  return jnp.broadcast_to(jnp.asarray(where, dtype=bool), shape)
+
+
+def mask_inputs(x: ArrayLike, mask: jax.Array | None, fill: float | int = 0) -> jax.Array:
+  """Replaces masked entries of ``x`` by ``fill``; trailing axes of ``x`` beyond ``mask`` broadcast.
+
+  Applied to the *inputs* of a loss so that NaN/inf at masked positions never reach an
+  operation whose gradient could turn ``0 * inf`` into NaN.
+  """
+  x = jnp.asarray(x)
+  if mask is None:
+    return x
+  mask = mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
+  return jnp.where(mask, x, jnp.asarray(fill, x.dtype))
+
+
+def mask_outputs(values: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """Sets masked loss values to exactly zero (their gradient is zero too)."""
+  if mask is None:
+    return values
+  return jnp.where(mask, values, jnp.zeros((), values.dtype))
+
+
+def masked_sum_and_count(
+    values: ArrayLike, where: ArrayLike | None = None
+) -> tuple[jax.Array, jax.Array]:
+  """Sum of the unmasked values and their number, both float32.
+
+  Args:
+    values: unreduced loss values, any shape ``[...]``.
+    where: optional boolean mask broadcastable to ``values.shape``; ``True`` keeps.
+
+  Returns:
+    ``(sum, count)``, two float32 scalars. Masked entries contribute exactly 0 to the
+    sum (and get zero gradient) even when they are NaN or inf.
+  """
+  values = jnp.asarray(values, dtype=jnp.float32)
+  mask = broadcast_mask(where, values.shape)
+  if mask is None:
+    return jnp.sum(values), jnp.asarray(values.size, dtype=jnp.float32)
+  return jnp.sum(mask_outputs(values, mask)), jnp.sum(mask, dtype=jnp.float32)
+
+
+def masked_mean(values: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
+  """Mean of the unmasked values, float32; 0 (not NaN) when everything is masked.
+
+  Args:
+    values: unreduced loss values, any shape ``[...]``.
+    where: optional boolean mask broadcastable to ``values.shape``; ``True`` keeps.
+
+  Returns:
+    A float32 scalar :math:`\\sum_i m_i v_i / \\max(1, \\sum_i m_i)`.
+  """
+  total, count = masked_sum_and_count(values, where)
+  return total / jnp.maximum(count, 1.0)
