@@ -52,8 +52,8 @@ __all__ = [
     "DistributedConfig", "EvalConfig", "ExportConfig", "LoggingConfig", "MeshConfig",
     "ObjectiveConfig", "OptimizerConfig", "ScheduleConfig", "SELF_TEACHER", "SHAPE_KEYS",
     "StudentConfig", "TeacherConfig", "TermConfig", "TrainConfig", "config_from_dict",
-    "default_config", "dump_yaml", "load_config", "resolve_model_path", "shape_diff",
-    "short_summary",
+    "apply_override", "default_config", "dump_yaml", "load_config", "PKG_PREFIX",
+    "resolve_model_path", "shape_diff", "short_summary", "to_yaml",
 ]
 
 Task = Literal["causal_lm", "masked_lm", "sequence_classification", "encoder"]
@@ -813,8 +813,13 @@ def _validate_loss_names(terms: Sequence[Mapping[str, Any]]) -> None:
       return
     raise
   validate = getattr(objective, "validate_terms", None)
-  if validate is not None:
+  if validate is None:
+    return
+  try:
     validate(terms)
+  except ValueError as e:
+    message = str(e)
+    raise ConfigError(message if message.startswith("config: ") else f"config: {message}") from None
 
 
 # ----------------------------------------------------------------------------------------
