@@ -150,9 +150,10 @@ class StudentConfig(_Section):
     teacher: name of the teacher to derive from (``None``: the first teacher).
     path: checkpoint directory or hub id, for ``init: path``.
     task: the student's task (``None``: the teacher's).
-    num_layers: layers of the student (``None``: half of the teacher's, or ``len(layers)``).
+    num_layers: layers of the student (``None``: ``len(layers)``, else the teacher's).
     layers: explicit 0-based teacher layer indices to copy (``from_teacher``), strictly
-      increasing (``()``: evenly spaced, ending with the teacher's last layer).
+      increasing (``()``: every k-th layer from 0, k = teacher layers // num_layers; see
+      :func:`distill_jax.models.init_student`).
     hidden_size: width of a ``config`` student (``None``: the teacher's).
     config: further Hugging Face config overrides (e.g. ``{intermediate_size: 512}``).
     num_labels: classes of a ``sequence_classification`` head (``None``: the teacher's).
@@ -1305,7 +1306,7 @@ def short_summary(config: Config) -> str:
                        for name, t in config.teachers.items())
   s = config.student
   source = s.teacher or next(iter(config.teachers))
-  layers = f"{s.num_layers or len(s.layers) or 'half the'} layers"
+  layers = f"{s.num_layers or len(s.layers) or 'all teacher'} layers"
   student = {"from_teacher": f"{layers} copied from teacher {source!r}",
              "path": f"{s.path}",
              "config": f"random init, {layers}, from teacher {source!r}'s config"}[s.init]
