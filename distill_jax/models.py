@@ -73,14 +73,14 @@ _BASE_OUTPUTS = frozenset({"logits", "hidden_states", "attention_probs", "pooled
 _MASKED_SCORE = -1e4  # finite score of masked (padded or future) keys in `attention_scores`
 
 
-def _check_outputs(outputs: Sequence[str], family: str, capabilities: frozenset[str]) -> tuple[str, ...]:
+def _check_outputs(outputs: Sequence[str], model: "Model") -> tuple[str, ...]:
   outputs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
   for name in outputs:
     if name not in OUTPUT_NAMES:
       raise ValueError(f"outputs: unknown {name!r}; allowed: {', '.join(OUTPUT_NAMES)}")
-    if name not in capabilities:
-      raise ValueError(f"outputs: {name!r} is not available for family {family!r}; it gives "
-                       f"{', '.join(sorted(capabilities))}")
+    if name not in model.capabilities:
+      raise ValueError(f"outputs: {name!r} is not available for family {model.family!r} (task {model.task!r}); "
+                       f"it gives {', '.join(sorted(model.capabilities))}")
   return outputs
 
 
@@ -129,14 +129,17 @@ class Model:
 
   @property
   def capabilities(self) -> frozenset[str]:
-    """The output names `apply` can give for this family."""
+    """The output names `apply` can give for this family and task (an encoder has no logits)."""
+    names = set(_BASE_OUTPUTS)
     if self.family in hf.ATTENTION_PROJECTIONS:
-      return _BASE_OUTPUTS | {"attention_scores", "values"}
-    return _BASE_OUTPUTS
+      names |= {"attention_scores", "values"}
+    if self.task == "encoder":
+      names.discard("logits")
+    return frozenset(names)
 
   def check_outputs(self, outputs: Sequence[str]) -> tuple[str, ...]:
     """Validates `outputs` (one-line ValueError naming the output and family)."""
-    return _check_outputs(outputs, self.family, self.capabilities)
+    return _check_outputs(outputs, self)
 
   def apply(self, params, batch: Mapping[str, jax.Array], *, outputs: Sequence[str] = ("logits",),
             train: bool = False, rng: Optional[jax.Array] = None, pooling: str = "mean") -> ModelOutputs:
@@ -173,10 +176,7 @@ class Model:
         deterministic=not dropout, rngs={"dropout": rng} if dropout else None, capture=capture)
     result = {}
     if "logits" in want:
-      if self.task == "encoder":
-        result["logits"] = hf_out.last_hidden_state
-      else:
-        result["logits"] = hf_out.logits
+      result["logits"] = hf_out.logits
     if "hidden_states" in want:
       result["hidden_states"] = tuple(hf_out.hidden_states)
     if "attention_probs" in want:

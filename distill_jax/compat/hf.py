@@ -71,6 +71,10 @@ _WORD_EMBEDDINGS = {
 # PyTorch buffers some checkpoints carry (not weights): never reported as unused.
 _BUFFERS = frozenset({"position_ids", "masked_bias", "inv_freq"})
 
+
+def _is_buffer(key: tuple[str, ...]) -> bool:
+  return key[-1] in _BUFFERS or key[-2:] == ("attn", "bias")  # GPT-2's causal-mask buffer
+
 _FLAX_WEIGHTS = "flax_model.msgpack"
 _SAFE_WEIGHTS = "model.safetensors"
 _PT_WEIGHTS = "pytorch_model.bin"
@@ -233,12 +237,13 @@ def call_module(module, family: str, params, input_ids, attention_mask, *, token
 
 
 def _load_flax_weights(path: pathlib.Path) -> dict:
+  """Flat params of a (possibly sharded) `flax_model.msgpack`."""
   index = path / f"{_FLAX_WEIGHTS}.index.json"
   files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [_FLAX_WEIGHTS]
   flat = {}
   for name in files:
     state = flax.serialization.msgpack_restore((path / name).read_bytes())
-    flat.update(flatten_dict(state.get("params", state) if len(files) == 1 else state))
+    flat.update(flatten_dict(state))
   return flat
 
 
@@ -325,7 +330,7 @@ def load_checkpoint(path: pathlib.Path, config, task: str, *, dtype: Any, param_
   if missing:
     raise ValueError(f"checkpoint: {str(path)!r} lacks {len(missing)} weight(s) the {family} module needs: "
                      f"{', '.join(missing)}")
-  unused = sorted("/".join(k) for k in flat if k not in required_shapes and k[-1] not in _BUFFERS)
+  unused = sorted("/".join(k) for k in flat if k not in required_shapes and not _is_buffer(k))
   if unused:
     warnings.warn(f"checkpoint {str(path)!r}: {len(unused)} unused weight(s) ignored: "
                   f"{', '.join(unused[:20])}{' ...' if len(unused) > 20 else ''}", stacklevel=3)
