@@ -238,7 +238,7 @@ def make_jit_step(*, student_apply: ApplyFn, teacher_applies: Mapping[str, Apply
 def replicate(tree: Any, devices=None) -> Any:
   """Copies ``tree`` onto every device along a new leading axis (pmap layout)."""
   devices = list(jax.local_devices() if devices is None else devices)
-  sharding = jax.sharding.PmapSharding.default((len(devices),), sharded_dim=0, devices=devices)
+  sharding = jax.sharding.NamedSharding(Mesh(np.asarray(devices), (PMAP_AXIS,)), jax.sharding.PartitionSpec(PMAP_AXIS))
   return jax.tree.map(lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding), tree)
 
 
