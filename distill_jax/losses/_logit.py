@@ -142,6 +142,10 @@ def reverse_kl(
   .. math::
     T^2 \\sum_v p_S(v) (\\log p_S(v) - \\log p_T(v))
 
+  It is +inf where the teacher puts exactly zero mass (``-inf`` teacher logits) on a
+  class the student supports; a teacher one-hot given by finite logits (e.g. ±1e4) is
+  finite. Use :func:`skew_reverse_kl` for a bounded alternative.
+
   Args:
     student_logits: `[..., V]` student logits.
     teacher_logits: `[..., V]` teacher logits or a top-k pair (see module docstring).
