@@ -8,9 +8,13 @@ Contract (relied on by `objective.py`, `step.py`, `evaluate.py`):
   (``[B, T]`` for language modelling, ``[B]`` for classification) and ``loss_mask``
   ``[B, T]`` (1 where a token-level label counts).  A padded *example* (eval padding) has
   an all-zero ``attention_mask`` row; per-example weights are ``attention_mask.any(-1)``.
-* ``Model.apply(params, batch, *, outputs=("logits",), train=False, rng=None)`` is a pure
-  function usable inside ``jax.jit`` and returns :class:`ModelOutputs` holding only the
-  requested fields (the others are ``None``).
+* ``Model.apply(params, batch, *, outputs=("logits",), train=False, rng=None, pooling="mean")``
+  is a pure function usable inside ``jax.jit`` and returns :class:`ModelOutputs` holding only
+  the requested fields (the others are ``None``).  ``Model.capabilities`` names what a
+  family/task can give (an ``encoder`` has no ``logits``); asking for more is a ValueError.
+
+Builders: :func:`load_model` (verified HF checkpoint), :func:`model_from_config`,
+:func:`init_student`; helpers :func:`layer_map` and :func:`check_vocab`.
 """
 
 from __future__ import annotations
