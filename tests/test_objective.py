@@ -1,0 +1,171 @@
+"""The objective: term validation, binding to models, padding-free metrics, recipes."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import distill_jax as dj
+import tiny
+from distill_jax import data
+from distill_jax import objective as objective_lib
+from distill_jax import state as state_lib
+from distill_jax import step as step_lib
+from test_step import deterministic, make_batch
+
+
+@pytest.mark.parametrize("terms, match", [
+    ([{"loss": "kl"}], r"terms\[0\]\.loss: unknown loss 'kl'; allowed: attention_kl, .*forward_kl"),
+    ([{"loss": "forward_kl", "beta": 0.5}], r"terms\[0\]\.beta: not an option of forward_kl"),
+    ([{"loss": "forward_kl", "temperature": -1.0}], r"terms\[0\]\.temperature: -1.0 must be > 0"),
+    ([{"loss": "forward_kl"}, {"loss": "generalized_jsd", "beta": 1.5}], r"terms\[1\]\.beta: 1.5 must be <= 1"),
+    ([{"loss": "forward_kl", "weight": 0.0}, {"loss": "hidden_mse", "weight": 0}], r"weights sum to zero"),
+    ([{"loss": "forward_kl", "weight": -1}], r"terms\[0\]\.weight"),
+    ([{"loss": "ensemble_kl"}], r"terms\[0\]\.teacher: ensemble_kl needs a list"),
+    ([{"loss": "forward_kl", "teacher": ["a", "b"]}], r"terms\[0\]\.teacher"),
+    ([{"loss": "hidden_mse", "layers": "every"}], r"terms\[0\]\.layers"),
+    ([{"loss": "hidden_mse", "projection": "mlp"}], r"terms\[0\]\.projection: 'mlp' is not one of none, linear"),
+    ([{"loss": "forward_kl", "temperature_schedule": {"kind": "step"}}], r"temperature_schedule\.kind"),
+    ([{"loss": "forward_kl", "weight_schedule": {"steps": 0}}], r"weight_schedule\.steps"),
+    ([], r"objective\.terms: expected a non-empty list"),
+])
+def test_validate_terms_errors(terms, match):
+  with pytest.raises(ValueError, match=match) as info:
+    objective_lib.validate_terms(terms)
+  assert "\n" not in str(info.value)
+
+
+def test_validate_terms_names_and_recipes():
+  terms = objective_lib.validate_terms([{"loss": "forward_kl"}, {"loss": "forward_kl", "temperature": 2}])
+  assert [t.name for t in terms] == ["forward_kl", "forward_kl_2"]
+  for name, recipe in objective_lib.RECIPES.items():
+    assert objective_lib.validate_terms(recipe), name
+
+
+def test_schedules():
+  lin = objective_lib.Schedule("linear", 1.0, 3.0, 10)
+  cos = objective_lib.Schedule("cosine", 1.0, 3.0, 10)
+  np.testing.assert_allclose([lin(0), lin(5), lin(20)], [1.0, 2.0, 3.0], rtol=1e-6)
+  np.testing.assert_allclose([cos(0), cos(5), cos(10)], [1.0, 2.0, 3.0], rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+  root = tmp_path_factory.mktemp("models")
+  bert = dj.load_model(tiny.make_checkpoint(root / "bert", "bert", "masked_lm", num_hidden_layers=2), "masked_lm")
+  gpt2 = dj.load_model(tiny.make_checkpoint(root / "gpt2", "gpt2", "causal_lm", num_hidden_layers=2), "causal_lm")
+  return {"bert": bert, "bert_small": dj.init_student(bert, num_layers=1),
+          "bert_narrow": dj.init_student(bert, num_layers=1, hidden_size=16), "gpt2": gpt2,
+          "gpt2_small": dj.init_student(gpt2, num_layers=1)}
+
+
+def test_build_errors(models, tmp_path):
+  bert, narrow = models["bert"], models["bert_narrow"]
+  teachers = {"teacher": bert}
+  cases = [
+      ([{"loss": "forward_kl", "teacher": "big"}], narrow, r"terms\[0\]\.teacher: unknown teacher 'big'"),
+      ([{"loss": "hidden_mse"}], narrow, r"terms\[0\]\.projection: student hidden size 16 != teacher 32"),
+      ([{"loss": "hidden_mse", "layers": [[1, 5]], "projection": "linear"}], narrow, r"terms\[0\]\.layers"),
+      ([{"loss": "attention_mse", "layers": [[0, 0]]}], narrow, r"terms\[0\]\.layers: .*out of range"),
+      ([{"loss": "forward_kl"}], models["gpt2_small"], r"terms\[0\]\.teacher"),
+  ]
+  for terms, student, match in cases:
+    with pytest.raises(ValueError, match=match) as info:
+      objective_lib.build_objective(terms, student=student, teachers=teachers)
+    assert "\n" not in str(info.value)
+  neo = dj.load_model(tiny.make_checkpoint(tmp_path / "neo", "gpt_neo", "causal_lm"), "causal_lm")
+  with pytest.raises(ValueError, match=r"terms\[0\]\.loss: value_relation needs values .*gpt_neo"):
+    objective_lib.build_objective([{"loss": "value_relation"}], student=neo, teachers={"teacher": neo})
+
+
+def test_outputs_for_only_what_terms_need(models):
+  bert, narrow = models["bert"], models["bert_narrow"]
+  obj = objective_lib.build_objective([{"loss": "forward_kl"}], student=narrow, teachers={"teacher": bert})
+  assert obj.outputs_for("student") == ("logits",) and obj.outputs_for("teacher") == ("logits",)
+  obj = objective_lib.build_objective([{"loss": "cross_entropy"}, {"loss": "attention_kl", "teacher": "b"}],
+                                      student=narrow, teachers={"teacher": bert, "b": bert})
+  assert obj.outputs_for("student") == ("attention_probs", "logits")
+  assert obj.outputs_for("b") == ("attention_probs",) and obj.teacher_names == ("b",)
+
+
+def _metrics(obj, student, teacher, batch, proj):
+  @jax.jit
+  def run(s_params, t_params, batch, proj):
+    s = student.apply(s_params, batch, outputs=obj.outputs_for("student"))
+    t = teacher.apply(t_params, batch, outputs=obj.outputs_for("teacher"))
+    return obj(s, {"teacher": t}, batch, proj, jnp.zeros((), jnp.int32))
+  return run(student.params, teacher.params, batch, proj)
+
+
+def test_metrics_are_padding_free(models):
+  bert, narrow = models["bert"], models["bert_narrow"]
+  terms = [{"loss": "forward_kl", "temperature": 2.0}, {"loss": "hidden_mse", "layers": "all", "projection": "linear"},
+           {"loss": "attention_mse"}, {"loss": "token_relation"}, {"loss": "similarity_preserving"},
+           {"loss": "pooled_cosine", "projection": "linear"}]
+  obj = objective_lib.build_objective(terms, student=narrow, teachers={"teacher": bert})
+  proj = obj.init_projections(jax.random.PRNGKey(0))
+  assert proj["hidden_mse"]["s1_t2"]["kernel"].shape == (16, 32) and "s0_t0" in proj["hidden_mse"]
+  batch = make_batch(0, rows=4, length=8)
+  padded = {k: np.pad(v, ((0, 0), (0, 4))) for k, v in batch.items()}
+  loss, metrics = _metrics(obj, narrow, bert, batch, proj)
+  loss_p, metrics_p = _metrics(obj, narrow, bert, padded, proj)
+  np.testing.assert_allclose(loss_p, loss, rtol=1e-5)
+  for name in metrics:
+    np.testing.assert_allclose(metrics_p[name], metrics[name], rtol=1e-5, atol=1e-6, err_msg=name)
+  assert float(metrics["forward_kl"][1]) == float(batch["attention_mask"].sum())
+
+
+def test_ensemble_of_identical_teachers_is_forward_kl(models):
+  bert, small = models["bert"], models["bert_small"]
+  teachers = {"a": bert, "b": bert}
+  batch = make_batch(1, rows=2, length=6)
+  s = small.apply(small.params, batch)
+  t = bert.apply(bert.params, batch)
+  ens = objective_lib.build_objective([{"loss": "ensemble_kl", "teacher": ["a", "b"], "temperature": 2.0}],
+                                      student=small, teachers=teachers)
+  kl = objective_lib.build_objective([{"loss": "forward_kl", "teacher": "a", "temperature": 2.0}],
+                                     student=small, teachers=teachers)
+  step = jnp.zeros((), jnp.int32)
+  np.testing.assert_allclose(ens(s, {"a": t, "b": t}, batch, {}, step)[0], kl(s, {"a": t}, batch, {}, step)[0],
+                             rtol=1e-5)
+
+
+def _mlm_transform(tokenizer):
+  def transform(rng, batch):
+    ids, labels, loss_mask = data.mask_tokens(rng, batch["input_ids"], batch["attention_mask"],
+                                              mask_token_id=tokenizer.mask_token_id, vocab_size=tiny.VOCAB_SIZE,
+                                              special_ids=tokenizer.all_special_ids, prob=0.3)
+    return dict(batch, input_ids=ids, labels=labels, loss_mask=loss_mask)
+  return transform
+
+
+RECIPE_PAIRS = {"distilbert": ("bert", "bert_small"), "tinybert": ("bert", "bert_narrow"),
+                "minilm": ("bert", "bert_narrow"), "reference_cls": ("bert", "bert_narrow"),
+                "logit_kd": ("gpt2", "gpt2_small"), "gkd": ("gpt2", "gpt2_small")}
+
+
+@pytest.mark.parametrize("recipe", sorted(objective_lib.RECIPES))
+def test_recipe_loss_decreases(models, recipe):
+  teacher, student = (models[n] for n in RECIPE_PAIRS[recipe])
+  obj = objective_lib.build_objective(objective_lib.RECIPES[recipe], student=student, teachers={"teacher": teacher})
+  optimizer = state_lib.make_optimizer("adamw", 3e-3, schedule="constant")
+  state = state_lib.create_train_state(student.params, optimizer, projection_params=obj.init_projections(
+      jax.random.PRNGKey(0)))
+  transform = _mlm_transform(teacher.tokenizer) if recipe == "distilbert" else None
+  step = functools.partial(step_lib.train_step, student_apply=deterministic(student),
+                           teacher_applies={"teacher": deterministic(teacher)}, objective=obj, optimizer=optimizer,
+                           batch_transform=transform)
+  batch = make_batch(0, rows=4, length=8)
+
+  @jax.jit
+  def run(state, teacher_params):
+    return jax.lax.scan(lambda s, _: step(s, teacher_params, batch), state, length=50)
+
+  state, metrics = run(state, {"teacher": teacher.params})
+  loss = np.asarray(metrics["loss"])
+  assert np.all(np.isfinite(loss)) and int(metrics["nonfinite"].sum()) == 0
+  assert loss[-5:].mean() < 0.9 * loss[:5].mean(), loss
