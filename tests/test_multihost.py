@@ -1,0 +1,100 @@
+"""Two processes (gloo CPU collectives, 2 devices each) equal one process on the global batch.
+
+The test launches this file as a worker twice; each worker joins the run with
+`distributed.initialize`, feeds its half of the global batch through `shard_batch`
+(`make_array_from_process_local_data`) and trains a few steps on a 2x2 ``(data, fsdp)``
+mesh spanning both processes.  Process 0 writes the losses and the gathered params.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+NUM_PROCESSES, LOCAL_DEVICES, STEPS = 2, 2, 3
+
+
+def _flat(tree):
+  import jax
+
+  return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def worker(coordinator: str, process_id: int, checkpoint: str, out: str) -> None:
+  from distill_jax import distributed
+
+  distributed.initialize(coordinator, NUM_PROCESSES, process_id)
+  import jax
+  from jax.experimental import multihost_utils
+
+  import distill_jax as dj
+  from distill_jax import sharding as sharding_lib
+  from distill_jax import state as state_lib
+  from distill_jax import step as step_lib
+  from test_step import make_batch, problem
+
+  assert jax.process_count() == NUM_PROCESSES and jax.device_count() == NUM_PROCESSES * LOCAL_DEVICES
+  teacher = dj.load_model(checkpoint, task="masked_lm")
+  student = dj.init_student(teacher, num_layers=1, hidden_size=16)
+  _, optimizer, kw, projections = problem(teacher, student)
+  mesh = sharding_lib.make_mesh(2, 2)
+  state = step_lib.init_sharded_state(student.params, optimizer, mesh, projection_params=projections,
+                                      min_shard_size=256)
+  teacher_params = step_lib.shard_teacher_params({"teacher": teacher.params}, mesh, min_shard_size=256)
+  jstep = step_lib.make_jit_step(mesh=mesh, state=state, teacher_params=teacher_params, min_shard_size=256, **kw)
+  losses = []
+  for seed in range(STEPS):
+    batch = make_batch(seed)
+    rows = batch["input_ids"].shape[0] // NUM_PROCESSES
+    local = {k: v[process_id * rows:(process_id + 1) * rows] for k, v in batch.items()}
+    state, metrics = jstep.train(state, teacher_params, sharding_lib.shard_batch(local, mesh))
+    losses.append(float(metrics["loss"]))
+  params = multihost_utils.process_allgather(state.params, tiled=True)
+  if distributed.is_main_process():
+    np.savez(out, losses=np.asarray(losses), **_flat(params))
+  multihost_utils.sync_global_devices("done")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.multihost
+def test_two_processes_match_one(tmp_path):
+  from test_step import make_batch, make_pair, run_single
+
+  teacher, student = make_pair(tmp_path / "bert")
+  out = tmp_path / "result.npz"
+  coordinator = f"127.0.0.1:{_free_port()}"
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}", JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+  procs = [subprocess.Popen([sys.executable, __file__, coordinator, str(i), str(tmp_path / "bert"), str(out)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(NUM_PROCESSES)]
+  logs = []
+  try:
+    for p in procs:
+      logs.append(p.communicate(timeout=300)[0])
+  finally:
+    for p in procs:  # a dead peer must not hang the test
+      if p.poll() is None:
+        p.kill()
+  assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+  got = dict(np.load(out))
+  ref_state, ref_losses = run_single(teacher, student, [make_batch(s) for s in range(STEPS)])
+  np.testing.assert_allclose(got.pop("losses"), ref_losses, rtol=1e-5)
+  ref = _flat(ref_state.params)
+  assert sorted(got) == sorted(ref)
+  for key in ref:
+    np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+if __name__ == "__main__":
+  worker(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])
