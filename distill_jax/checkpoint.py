@@ -1,0 +1,623 @@
+"""Orbax checkpoints of the training state, exact resume, and export of the student.
+
+On-disk layout (one Orbax ``CheckpointManager`` under ``<run_dir>/checkpoints``)::
+
+  <run_dir>/checkpoints/
+    <step>/                      one finished step (Orbax renames it from
+                                 <step>.orbax-checkpoint-tmp once complete)
+      _CHECKPOINT_METADATA       Orbax step metadata (commit timestamp)
+      commit_success.txt         Orbax commit marker (also inside each item)
+      state/                     TrainState pytree (OCDBT + zarr, sharding-aware)
+      data/metadata              data iterator state (JSON)
+      config/metadata            resolved run config (JSON)
+      integrity/metadata         per-leaf fingerprints of ``state`` (JSON)
+      metrics/metrics            eval metrics of the step, if given (JSON)
+
+The teacher is never saved. PRNG keys may be typed (``jax.random.key``) or legacy
+``uint32[2]`` keys: Orbax 0.12 stores typed keys as their key data and rewraps
+them on restore when the abstract state has a key dtype.
+
+Atomicity comes from Orbax: a step is written into a temporary directory and
+renamed when every item is complete, so a process killed mid-save never leaves a
+step that ``latest_step()`` returns; temporary leftovers are removed when the
+next ``Checkpointer`` is created. Orbax does not detect flipped bytes inside an
+array file (it restores wrong values silently), so every save also stores a
+fingerprint of each leaf, checked after restore.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint._src.checkpoint_managers import preservation_policy as ocp_policy
+
+from distill_jax import preemption
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+_INTEGRITY_VERSION = "sum32-weighted32-v1"
+
+
+class CheckpointError(RuntimeError):
+  """Base class of checkpoint errors; messages are one line."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+  """No finished checkpoint (or not the requested step) in the run directory."""
+
+
+class CheckpointCorruptedError(CheckpointError):
+  """A step directory exists but cannot be restored faithfully."""
+
+  def __init__(self, step_dir: os.PathLike[str] | str, reason: str):
+    self.step_dir = Path(step_dir)
+    self.reason = reason
+    super().__init__(f"checkpoint {self.step_dir} is corrupted or truncated: {reason}")
+
+
+class CheckpointWriteError(CheckpointError):
+  """A checkpoint could not be written (read-only directory, disk full, ...).
+
+  Attributes:
+    errno: the ``errno`` of the underlying ``OSError`` (None if unknown).
+  """
+
+  def __init__(self, err: int | None, message: str):
+    super().__init__(message)
+    self.errno = err
+
+
+class IncompatibleConfigError(ValueError):
+  """Resuming under a config whose shape-defining fields differ."""
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+  text = str(exc).strip().splitlines()
+  line = text[0] if text else ""
+  if len(line) > limit:
+    line = line[:limit] + "..."
+  return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
+def _find_os_error(exc: BaseException) -> OSError | None:
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):
+      return exc
+    exc = exc.__cause__ or exc.__context__
+  return None
+
+
+# ------------------------------------------------------------------ fingerprints
+
+
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+  """Two uint32 sums over the bits of ``x``, independent of sharding and order."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  x = jnp.asarray(x)
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  else:
+    width = x.dtype.itemsize
+    if width == 8:
+      bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    else:
+      unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[width]
+      bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  bits = bits.reshape(-1)
+  index = jnp.arange(bits.shape[0], dtype=jnp.uint32)
+  weights = index * jnp.uint32(2654435761) + jnp.uint32(1)  # Knuth multiplicative hash
+  # Integer sums wrap mod 2**32 and are exact in any reduction order.
+  return jnp.stack([jnp.sum(bits, dtype=jnp.uint32),
+                    jnp.sum(bits * weights, dtype=jnp.uint32)])
+
+
+@jax.jit
+def _fingerprints(leaves: list[jax.Array]) -> jax.Array:
+  return jnp.stack([_leaf_fingerprint(x) for x in leaves])
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  if x.sharding.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _state_fingerprints(state: Any) -> dict[str, list[int]]:
+  """``{leaf path: [sum, weighted sum]}``; one jitted reduction per device set."""
+  paths_leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  groups: dict[Any, list[int]] = {}
+  for i, (_, leaf) in enumerate(paths_leaves):
+    sharding = getattr(leaf, "sharding", None)
+    devices = (tuple(sorted(d.id for d in sharding.device_set))
+               if isinstance(leaf, jax.Array) and sharding is not None else None)
+    groups.setdefault(devices, []).append(i)
+  result: dict[str, list[int]] = {}
+  for indices in groups.values():
+    values = _to_host(_fingerprints([paths_leaves[i][1] for i in indices]))
+    for i, (a, b) in zip(indices, values):
+      result[jax.tree_util.keystr(paths_leaves[i][0])] = [int(a), int(b)]
+  return result
+
+
+# ------------------------------------------------------------------ config check
+
+
+def _lookup(config: Any, dotted: str) -> Any:
+  node = config
+  for part in dotted.split("."):
+    if isinstance(node, Mapping):
+      if part not in node:
+        return None
+      node = node[part]
+    elif hasattr(node, part):
+      node = getattr(node, part)
+    else:
+      return None
+  return node
+
+
+def _normalize(value: Any) -> Any:
+  """Makes tuples/lists and dataclass-like values comparable with their JSON form."""
+  if isinstance(value, Mapping):
+    return {str(k): _normalize(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_normalize(v) for v in value]
+  if hasattr(value, "__dataclass_fields__"):
+    return {k: _normalize(getattr(value, k)) for k in value.__dataclass_fields__}
+  return value
+
+
+def check_compatible(saved_config: Any, new_config: Any, *, shape_keys: Sequence[str],
+                     source: str = "the checkpoint") -> None:
+  """Refuses to resume when a shape-defining config field changed.
+
+  Only the fields named in ``shape_keys`` are compared (dotted paths into nested
+  mappings or dataclasses; a path may name a whole sub-tree). Anything else —
+  the step budget, logging, eval cadence — may change between runs.
+
+  Args:
+    saved_config: the config stored with the checkpoint (JSON mapping).
+    new_config: the config of the run that wants to resume (mapping or dataclass).
+    shape_keys: dotted paths of the fields that define parameter shapes, e.g.
+      ``("model.student.num_layers", "model.student.hidden_size")``.
+    source: what ``saved_config`` came from, for the message.
+
+  Raises:
+    IncompatibleConfigError: naming every changed field with old and new values.
+  """
+  changes = []
+  for key in shape_keys:
+    old = _normalize(_lookup(saved_config, key))
+    new = _normalize(_lookup(new_config, key))
+    if old != new:
+      changes.append(f"{key}: {old!r} -> {new!r}")
+  if changes:
+    raise IncompatibleConfigError(
+        f"cannot resume from {source}: shape-defining config changed ({'; '.join(changes)});"
+        " use a new run directory or restore the old values")
+
+
+# ------------------------------------------------------------------ checkpointer
+
+
+class Checkpointer:
+  """Saves and restores ``(state, data iterator state, config)`` per step.
+
+  Args:
+    run_dir: the run directory; checkpoints go to ``<run_dir>/checkpoints``.
+    save_every: ``maybe_save`` writes when ``step % save_every == 0``.
+    keep_last: how many most recent steps to keep (``None``: all).
+    keep_best: how many best steps by ``best_metric`` to keep besides (0: off).
+    best_metric: the key of the ``metrics`` mapping that ranks steps.
+    best_mode: ``"min"`` or ``"max"``: which end of ``best_metric`` is best.
+    async_save: write arrays in a background thread; ``wait()`` blocks until done.
+    guard: a :class:`~distill_jax.preemption.PreemptionGuard` whose flag
+      ``should_stop`` reads when it is not told ``requested`` explicitly.
+
+  Raises:
+    ValueError: for an invalid option.
+    CheckpointWriteError: when the checkpoint directory cannot be created.
+  """
+
+  def __init__(self, run_dir: os.PathLike[str] | str, *, save_every: int,
+               keep_last: int | None = 3, keep_best: int = 0,
+               best_metric: str = "eval_loss", best_mode: str = "min",
+               async_save: bool = True,
+               guard: preemption.PreemptionGuard | None = None):
+    if save_every < 1:
+      raise ValueError(f"checkpoint save_every must be >= 1, got {save_every}")
+    if keep_last is not None and keep_last < 1:
+      raise ValueError(f"checkpoint keep_last must be >= 1 or None, got {keep_last}")
+    if keep_best < 0:
+      raise ValueError(f"checkpoint keep_best must be >= 0, got {keep_best}")
+    if best_mode not in ("min", "max"):
+      raise ValueError(f"checkpoint best_mode must be 'min' or 'max', got {best_mode!r}")
+    self.run_dir = Path(run_dir)
+    self.directory = self.run_dir / CHECKPOINT_DIR
+    self.save_every = save_every
+    self.best_metric = best_metric
+    self.best_mode = best_mode
+    self.guard = guard
+    if self.directory.exists() and not self.directory.is_dir():
+      raise CheckpointWriteError(
+          errno.ENOTDIR, f"checkpoint path {self.directory} exists and is not a directory")
+
+    policies: list[Any] = [ocp_policy.LatestN(n=keep_last)]
+    if keep_best:
+      policies.append(ocp_policy.BestN(
+          get_metric_fn=self._metric_value, reverse=(best_mode == "min"), n=keep_best,
+          keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        # Saving cadence is decided here (maybe_save); Orbax is always forced.
+        best_fn=self._metric_value if keep_best else None,
+        best_mode=best_mode,
+        preservation_policy=ocp_policy.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=async_save,
+        # Synchronous directory creation: a read-only or full disk fails in save()
+        # instead of stalling the background threads until their signal timeout.
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
+        cleanup_tmp_directories=True,
+        create=True)
+    try:
+      self._manager = ocp.CheckpointManager(
+          self.directory.absolute(), options=options,
+          item_handlers={
+              "state": ocp.StandardCheckpointHandler(),
+              "data": ocp.JsonCheckpointHandler(),
+              "config": ocp.JsonCheckpointHandler(),
+              "integrity": ocp.JsonCheckpointHandler(),
+          })
+      # Orbax removes leftover tmp dirs in the background and only awaits that
+      # in the first save(); finish it now so a reader sees a clean directory.
+      await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+      if await_cleanup is not None:
+        await_cleanup()
+    except OSError as e:
+      raise CheckpointWriteError(
+          e.errno, f"cannot create checkpoint directory {self.directory}: {e.strerror or e}"
+      ) from e
+
+  # -- queries
+
+  def _metric_value(self, metrics: Mapping[str, Any]) -> float:
+    worst = math.inf if self.best_mode == "min" else -math.inf
+    value = metrics.get(self.best_metric) if isinstance(metrics, Mapping) else None
+    if value is None:
+      return worst
+    value = float(value)
+    return worst if math.isnan(value) else value
+
+  def step_dir(self, step: int) -> Path:
+    """The directory of a finished step."""
+    return self.directory / str(step)
+
+  def all_steps(self) -> list[int]:
+    """Finished steps, ascending, plus one whose async save this process started.
+
+    Temporary directories of interrupted saves are never listed.
+    """
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    """The latest finished step, or None."""
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def best_step(self) -> int | None:
+    """The best step by ``best_metric`` (None when ``keep_best`` is off or no metrics)."""
+    if not self._manager._track_best:  # pylint: disable=protected-access
+      return None
+    return self._manager.best_step()
+
+  def metrics(self, step: int) -> dict[str, Any] | None:
+    """The metrics saved with ``step`` (only written when ``keep_best`` > 0)."""
+    return self._manager.metrics(step)
+
+  # -- saving
+
+  def should_save(self, step: int) -> bool:
+    """True when ``step`` falls on the ``save_every`` cadence."""
+    return step % self.save_every == 0
+
+  def maybe_save(self, step: int, state: Any, *, data_state: Any, config: Any,
+                 metrics: Mapping[str, float] | None = None, force: bool = False) -> bool:
+    """Saves when ``step`` is on the cadence or ``force``; never twice for one step.
+
+    Args:
+      step: the training step the state is at.
+      state: the TrainState pytree (sharded ``jax.Array`` leaves are fine).
+      data_state: JSON-able data iterator state (``iterator.get_state()``).
+      config: the resolved run config as a JSON-able mapping.
+      metrics: eval metrics of this step (ranking for ``keep_best``).
+      force: save even off the cadence (end of training, preemption).
+
+    Returns:
+      Whether a save was started.
+
+    Raises:
+      CheckpointWriteError: naming the path when the step cannot be written.
+    """
+    if not (force or self.should_save(step)):
+      return False
+    if step in self._manager.all_steps():
+      return False
+    self.save(step, state, data_state=data_state, config=config, metrics=metrics)
+    return True
+
+  def save(self, step: int, state: Any, *, data_state: Any, config: Any,
+           metrics: Mapping[str, float] | None = None) -> None:
+    """Starts saving ``step`` (in the background with ``async_save``); see ``maybe_save``."""
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state if data_state is not None else {}),
+        config=ocp.args.JsonSave(_normalize(config)),
+        integrity=ocp.args.JsonSave({"version": _INTEGRITY_VERSION,
+                                     "leaves": _state_fingerprints(state)}),
+    )
+    if metrics is not None:
+      metrics = {str(k): float(v) for k, v in metrics.items()}
+    try:
+      self._manager.save(step, args=args, metrics=metrics, force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_error(step, e) from e
+
+  def _write_error(self, step: int | None, exc: BaseException) -> BaseException:
+    os_error = _find_os_error(exc)
+    if os_error is None:
+      return exc
+    path = os_error.filename or self.directory
+    what = f"step {step}" if step is not None else "a checkpoint"
+    reason = os_error.strerror or str(os_error)
+    return CheckpointWriteError(
+        os_error.errno,
+        f"cannot write checkpoint {what} to {path}: {reason}; earlier checkpoints in"
+        f" {self.directory} are intact")
+
+  def wait(self) -> None:
+    """Blocks until a background save has finished; raises its error if it failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_error(None, e) from e
+
+  def close(self) -> None:
+    """Waits for pending saves and releases Orbax's threads."""
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    self.close()
+
+  # -- preemption
+
+  def should_stop(self, step: int, requested: bool | None = None) -> bool:
+    """Whether every process should save and stop after ``step``.
+
+    Combines the local stop request (``requested``, or the guard's flag) with
+    JAX's preemption sync point (Orbax ``reached_preemption``, active under
+    ``jax.distributed``), then ORs the result across processes so all stop at the
+    same step. A collective on several processes: call it on all of them at the
+    same steps.
+
+    Args:
+      step: the step just finished.
+      requested: this process's stop flag; defaults to ``guard.requested``.
+
+    Returns:
+      True on every process when any process asked to stop.
+    """
+    if requested is None:
+      requested = self.guard.requested if self.guard is not None else False
+    local = bool(requested) or bool(ocp.multihost.reached_preemption(step))
+    return preemption.any_process(local)
+
+  # -- restoring
+
+  def restore(self, abstract_state: Any, *, step: int | None = None,
+              fallback: bool = False) -> tuple[Any, Any, Any, int]:
+    """Restores a finished step onto ``abstract_state``'s shardings.
+
+    Args:
+      abstract_state: the state pytree as ``jax.ShapeDtypeStruct`` leaves with
+        ``.sharding`` for the current mesh (e.g. ``jax.eval_shape`` of the init
+        with shardings attached); the device count may differ from the saving run.
+      step: the step to restore; the latest finished one when None.
+      fallback: when the chosen step is corrupted, try the earlier steps in
+        turn (each skip is logged) instead of raising.
+
+    Returns:
+      ``(state, data_state, config, step)``.
+
+    Raises:
+      CheckpointNotFoundError: no finished step, or ``step`` is not on disk.
+      CheckpointCorruptedError: naming the step directory (with ``fallback``,
+        only when no earlier step restores either).
+    """
+    steps = self.all_steps()
+    if not steps:
+      raise CheckpointNotFoundError(f"no finished checkpoint in {self.directory}")
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise CheckpointNotFoundError(
+          f"no finished checkpoint for step {step} in {self.directory} (have {steps})")
+    candidates = [s for s in reversed(steps) if s <= step]
+    if not fallback:
+      candidates = candidates[:1]
+    first_error: CheckpointCorruptedError | None = None
+    for i, candidate in enumerate(candidates):
+      try:
+        state, data_state, config = self._restore_step(candidate, abstract_state)
+      except CheckpointCorruptedError as e:
+        first_error = first_error or e
+        if i + 1 < len(candidates):
+          log.warning("%s; falling back to step %d", e, candidates[i + 1])
+        continue
+      if candidate != step:
+        log.warning("restored step %d instead of corrupted step %d", candidate, step)
+      return state, data_state, config, candidate
+    assert first_error is not None
+    if len(candidates) > 1:
+      raise CheckpointCorruptedError(
+          first_error.step_dir, f"{first_error.reason} (and no earlier step restores)")
+    raise first_error
+
+  def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, Any, Any]:
+    step_dir = self.step_dir(step)
+    self._check_structure(step, abstract_state)
+    names = set(self._manager.item_metadata(step).keys())
+    args = dict(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=ocp.args.JsonRestore(),
+        config=ocp.args.JsonRestore())
+    if "integrity" in names:
+      args["integrity"] = ocp.args.JsonRestore()
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointCorruptedError(step_dir, _first_line(e)) from e
+    integrity = restored.get("integrity") if "integrity" in names else None
+    if integrity is not None:
+      if not isinstance(integrity, Mapping) or integrity.get("version") != _INTEGRITY_VERSION:
+        raise CheckpointCorruptedError(step_dir, "unknown integrity record")
+      actual = _state_fingerprints(restored["state"])
+      for key, expected in integrity["leaves"].items():
+        if actual.get(key) != list(expected):
+          raise CheckpointCorruptedError(
+              step_dir, f"state leaf {key} does not match its saved fingerprint")
+    return restored["state"], restored["data"], restored["config"]
+
+  def _check_structure(self, step: int, abstract_state: Any) -> None:
+    """Names the first leaf whose path or shape differs (a mismatch, not corruption)."""
+    try:
+      metadata = self._manager.item_metadata(step)["state"]
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointCorruptedError(self.step_dir(step), _first_line(e)) from e
+    if metadata is None:
+      raise CheckpointCorruptedError(self.step_dir(step), "no state item")
+    saved = {jax.tree_util.keystr(p): getattr(m, "shape", None)
+             for p, m in jax.tree_util.tree_flatten_with_path(metadata)[0]}
+    wanted = {jax.tree_util.keystr(p): _stored_shape(a)
+              for p, a in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+    saved_keys = {_plain_key(k): k for k in saved}
+    for key, shape in wanted.items():
+      saved_key = saved_keys.get(_plain_key(key))
+      if saved_key is None:
+        raise ValueError(
+            f"checkpoint {self.step_dir(step)} has no state leaf {key}: the state"
+            " structure changed since it was saved")
+      saved_shape = saved[saved_key]
+      if saved_shape is not None and tuple(saved_shape) != shape:
+        raise ValueError(
+            f"checkpoint {self.step_dir(step)} stores state leaf {key} with shape"
+            f" {tuple(saved_shape)}, the current state wants {shape}")
+
+
+def _stored_shape(leaf: Any) -> tuple[int, ...]:
+  """The shape Orbax stores for ``leaf`` (typed PRNG keys are stored as key data)."""
+  dtype = getattr(leaf, "dtype", None)
+  shape = tuple(getattr(leaf, "shape", ()))
+  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    return tuple(jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(shape, dtype)).shape)
+  return shape
+
+
+def _plain_key(keystr: str) -> str:
+  """``.params['w']`` and ``['params']['w']`` both become ``params/w``."""
+  for ch in "[]'\".":
+    keystr = keystr.replace(ch, "/")
+  return "/".join(p for p in keystr.split("/") if p)
+
+
+# ------------------------------------------------------------------ export
+
+
+class SavesPretrained(Protocol):
+  """What ``export_student`` needs of a model (``distill_jax.models.Model``)."""
+
+  def save_pretrained(self, params: Any, out_dir: os.PathLike[str] | str) -> None:
+    ...
+
+
+def export_student(model: SavesPretrained, params: Any, out_dir: os.PathLike[str] | str,
+                   *, overwrite: bool = False) -> Path:
+  """Writes the student as a Hugging Face checkpoint, atomically.
+
+  The files are written by ``model.save_pretrained(params, tmp_dir)`` into a
+  temporary directory next to ``out_dir``, which is then renamed onto
+  ``out_dir``: a crash leaves either the old directory or the new one, never a
+  half-written export. Call it from one process, with fully addressable params.
+
+  Args:
+    model: an object with ``save_pretrained(params, out_dir)``.
+    params: the student params to export.
+    out_dir: the export directory; must be absent or empty unless ``overwrite``.
+    overwrite: replace a non-empty ``out_dir``.
+
+  Returns:
+    ``out_dir`` as a ``Path``.
+
+  Raises:
+    FileExistsError: ``out_dir`` is not empty (or is a file) and not ``overwrite``.
+  """
+  out = Path(out_dir)
+  if out.exists() and not out.is_dir():
+    raise FileExistsError(f"export path {out} exists and is not a directory")
+  if out.is_dir() and any(out.iterdir()) and not overwrite:
+    raise FileExistsError(
+        f"export directory {out} is not empty; pass overwrite=True to replace it")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  tmp = out.parent / f".{out.name}.tmp-{token}"
+  tmp.mkdir()
+  try:
+    model.save_pretrained(params, tmp)
+    if out.is_dir() and any(out.iterdir()):
+      old = out.parent / f".{out.name}.old-{token}"
+      os.rename(out, old)
+      os.rename(tmp, out)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, out)  # replaces an empty directory atomically on POSIX
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out
+
+
+def abstract_like(state: Any) -> Any:
+  """``jax.ShapeDtypeStruct`` leaves with the shardings of ``state`` (for restore)."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      state)
+
+
+__all__ = [
+    "Checkpointer", "CheckpointError", "CheckpointNotFoundError", "CheckpointCorruptedError",
+    "CheckpointWriteError", "IncompatibleConfigError", "check_compatible", "export_student",
+    "abstract_like", "CHECKPOINT_DIR",
+]
