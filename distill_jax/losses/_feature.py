@@ -29,6 +29,19 @@ def _pair_f32(student: ArrayLike, teacher: ArrayLike, what: str) -> tuple[jax.Ar
   return student, teacher
 
 
+def _sequence_pair_f32(
+    student: ArrayLike, teacher: ArrayLike, what: str
+) -> tuple[jax.Array, jax.Array]:
+  """Casts `[B, T, Ds]` / `[B, T, Dt]` to f32; widths may differ, B and T may not."""
+  student = jnp.asarray(student, jnp.float32)
+  teacher = jnp.asarray(teacher, jnp.float32)
+  if student.ndim != 3 or teacher.ndim != 3 or student.shape[:2] != teacher.shape[:2]:
+    raise ValueError(
+        f"{what}: expected [B, T, D] inputs with equal B, T; got "
+        f"{student.shape} and {teacher.shape}")
+  return student, teacher
+
+
 def hidden_mse(
     student_h: ArrayLike, teacher_h: ArrayLike, *, where: ArrayLike | None = None
 ) -> jax.Array:
@@ -221,12 +234,7 @@ def value_relation_kl(
     Wang et al., "MiniLM: Deep Self-Attention Distillation for Task-Agnostic Compression
     of Pre-Trained Transformers", 2020.
   """
-  student = jnp.asarray(student_v, jnp.float32)
-  teacher = jnp.asarray(teacher_v, jnp.float32)
-  if student.ndim != 3 or teacher.ndim != 3 or student.shape[:2] != teacher.shape[:2]:
-    raise ValueError(
-        f"value_relation_kl: expected [B, T, H] inputs with equal B, T; got "
-        f"{student.shape} and {teacher.shape}")
+  student, teacher = _sequence_pair_f32(student_v, teacher_v, "value_relation_kl")
   if num_heads <= 0 or student.shape[-1] % num_heads or teacher.shape[-1] % num_heads:
     raise ValueError(
         f"num_heads={num_heads} must divide both the student value width "

@@ -17,6 +17,7 @@ from jax.typing import ArrayLike
 
 from distill_jax.losses import _reduce
 from distill_jax.losses._feature import _l2_normalize
+from distill_jax.losses._feature import _sequence_pair_f32
 
 
 def _safe_sqrt(x: jax.Array) -> jax.Array:
@@ -243,12 +244,7 @@ def token_relation(
   References:
     Park et al., "Relational Knowledge Distillation", 2019; Wang et al., "MiniLMv2", 2021.
   """
-  student = jnp.asarray(student_h, jnp.float32)
-  teacher = jnp.asarray(teacher_h, jnp.float32)
-  if student.ndim != 3 or teacher.ndim != 3 or student.shape[:2] != teacher.shape[:2]:
-    raise ValueError(
-        f"token_relation: expected [B, T, D] inputs with equal B, T; got "
-        f"{student.shape} and {teacher.shape}")
+  student, teacher = _sequence_pair_f32(student_h, teacher_h, "token_relation")
   mask = _reduce.broadcast_mask(where, student.shape[:2])
   if mask is None:
     mask = jnp.ones(student.shape[:2], bool)
