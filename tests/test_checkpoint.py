@@ -323,16 +323,6 @@ def test_invalid_options():
     ckpt.Checkpointer("/nonexistent", save_every=0)
 
 
-# ------------------------------------------------------------------ preemption agreement
-
-
-def test_should_stop_single_process():
-  checkpointer = ckpt.Checkpointer.__new__(ckpt.Checkpointer)
-  checkpointer.guard = None
-  assert not checkpointer.should_stop(3)
-  assert checkpointer.should_stop(3, requested=True)
-
-
 # ------------------------------------------------------------------ config compatibility
 
 
