@@ -53,8 +53,21 @@ def make_state(mesh: jax.sharding.Mesh, seed: int = 0, width: int = 8) -> TinySt
   for _ in range(2):
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-  return TinyState(step=jnp.asarray(2, jnp.int32), params=params, opt_state=opt_state,
-                   rng=jax.random.fold_in(jax.random.key(seed), 3))
+  state = TinyState(step=jnp.asarray(2, jnp.int32), params=params, opt_state=opt_state,
+                    rng=jax.random.fold_in(jax.random.key(seed), 3))
+  return jax.tree.map(lambda x: _replicate_if_local(x, replicated), state)
+
+
+def _replicate_if_local(x: jax.Array, replicated: jax.sharding.NamedSharding) -> jax.Array:
+  """Single-device leaves (step, count, key) → replicated over the mesh, as a jitted
+  init would make them; needed for multi-process saves (no host-local arrays)."""
+  if isinstance(x.sharding, jax.sharding.NamedSharding):
+    return x
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    impl = jax.random.key_impl(x)
+    return jax.random.wrap_key_data(
+        jax.device_put(np.asarray(jax.random.key_data(x)), replicated), impl=impl)
+  return jax.device_put(np.asarray(x), replicated)
 
 
 def plain(tree: Any) -> Any:
