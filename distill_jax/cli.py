@@ -87,6 +87,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
   return 0
 
 
+def _is_user_error(e: BaseException) -> bool:
+  """Bad input, environment problems and our own errors: one line, no traceback."""
+  ours = type(e).__module__.startswith("distill_jax")
+  return ours or isinstance(e, (UserError, ValueError, OSError, KeyError))
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="distill-jax",
@@ -135,8 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     return args.func(args)
-  except (UserError, ValueError, FileNotFoundError, KeyError) as e:  # user input errors
-    if args.debug:
+  except Exception as e:  # pylint: disable=broad-except
+    if args.debug or not _is_user_error(e):
       raise
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     print(f"distill-jax: error: {msg}", file=sys.stderr)

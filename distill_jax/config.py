@@ -614,10 +614,9 @@ class DistributedConfig(_Section):
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig(_Section):
-  """Orbax checkpoints of the student (`checkpoint`).
+  """Orbax checkpoints of the student (`checkpoint`), in ``<train.run_dir>/checkpoints``.
 
   Attributes:
-    dir: checkpoint directory (``None``: ``<train.run_dir>/checkpoints``).
     every: steps between saves (``0``: only at the end and on preemption).
     keep_last: most recent checkpoints kept, ``>= 1``.
     keep_best: best checkpoints kept by ``best_metric`` in addition (``0``: off).
@@ -631,7 +630,6 @@ class CheckpointConfig(_Section):
 
   _SECTION = "checkpoint"
 
-  dir: Optional[str] = None
   every: int = 100
   keep_last: int = 2
   keep_best: int = 0
