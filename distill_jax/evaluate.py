@@ -464,6 +464,26 @@ def dir_size_bytes(path: str | os.PathLike) -> int:
   return total
 
 
+# Weight files by preference: one format's size is what a checkpoint costs to ship (an
+# export holds both Flax and PyTorch copies of the same weights).
+_WEIGHT_PATTERNS = ("model*.safetensors", "flax_model*.msgpack", "pytorch_model*.bin")
+
+
+def weights_size_bytes(path: str | os.PathLike) -> int:
+  """On-disk size of one checkpoint's weights: the first format present in `_WEIGHT_PATTERNS`.
+
+  Falls back to `dir_size_bytes` for a directory with none of them (or a single file).
+  """
+  import glob
+
+  if os.path.isdir(path):
+    for pattern in _WEIGHT_PATTERNS:
+      files = glob.glob(os.path.join(path, pattern))
+      if files:
+        return sum(os.path.getsize(f) for f in files)
+  return dir_size_bytes(path)
+
+
 def measure_throughput(model: Any, params: Any, batch: Mapping[str, Any], *, warmup: int = 2,
                        iters: int = 10, pooling: Optional[str] = None) -> dict[str, float]:
   """Inference throughput of ``model`` on ``batch`` on the default device.
@@ -532,7 +552,7 @@ def measure_efficiency(student: Any, student_params: Any, teacher: Any, teacher_
                                pooling=pooling)
     result[f"{role}_params"] = count_params(params)
     result[f"{role}_param_bytes"] = params_nbytes(params)
-    result[f"{role}_disk_bytes"] = dir_size_bytes(path) if path is not None else None
+    result[f"{role}_disk_bytes"] = weights_size_bytes(path) if path is not None else None
     result[f"{role}_examples_per_s"] = speed["examples_per_s"]
     result[f"{role}_tokens_per_s"] = speed["tokens_per_s"]
   return result

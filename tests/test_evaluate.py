@@ -307,3 +307,14 @@ def test_param_counts_sizes_and_throughput(tmp_path):
   assert eff["student_params"] == ev.count_params(s_params)
   assert eff["student_disk_bytes"] == 123 and eff["teacher_disk_bytes"] is None
   assert eff["teacher_examples_per_s"] > 0 and isinstance(eff["device"], str)
+
+
+def test_weights_size_counts_one_format_of_an_export(tmp_path):
+  (tmp_path / "model.safetensors").write_bytes(b"s" * 40)
+  (tmp_path / "flax_model.msgpack").write_bytes(b"f" * 41)
+  (tmp_path / "tokenizer.json").write_bytes(b"t" * 7)
+  assert ev.weights_size_bytes(tmp_path) == 40
+  (tmp_path / "model.safetensors").unlink()
+  assert ev.weights_size_bytes(tmp_path) == 41
+  (tmp_path / "flax_model.msgpack").unlink()
+  assert ev.weights_size_bytes(tmp_path) == 7  # no weights file: the whole directory
