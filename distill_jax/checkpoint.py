@@ -80,6 +80,10 @@ class CheckpointWriteError(CheckpointError):
     self.errno = err
 
 
+class CheckpointMismatchError(ValueError):
+  """The saved state's structure or shapes differ from the state to restore into."""
+
+
 class IncompatibleConfigError(ValueError):
   """Resuming under a config whose shape-defining fields differ."""
 
@@ -456,6 +460,8 @@ class Checkpointer:
       CheckpointNotFoundError: no finished step, or ``step`` is not on disk.
       CheckpointCorruptedError: naming the step directory (with ``fallback``,
         only when no earlier step restores either).
+      CheckpointMismatchError: the saved state has other leaves or shapes
+        (a ``ValueError``; never a reason to fall back).
     """
     steps = self.all_steps()
     if not steps:
@@ -488,8 +494,14 @@ class Checkpointer:
 
   def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, Any, Any]:
     step_dir = self.step_dir(step)
-    self._check_structure(step, abstract_state)
-    names = set(self._manager.item_metadata(step).keys())
+    try:
+      metadata = self._manager.item_metadata(step)
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointCorruptedError(step_dir, _first_line(e)) from e
+    if metadata.get("state") is None:
+      raise CheckpointCorruptedError(step_dir, "no readable state item")
+    _check_structure(step_dir, metadata["state"], abstract_state)
+    names = set(metadata.keys())
     args = dict(
         state=ocp.args.StandardRestore(abstract_state),
         data=ocp.args.JsonRestore(),
@@ -511,30 +523,26 @@ class Checkpointer:
               step_dir, f"state leaf {key} does not match its saved fingerprint")
     return restored["state"], restored["data"], restored["config"]
 
-  def _check_structure(self, step: int, abstract_state: Any) -> None:
-    """Names the first leaf whose path or shape differs (a mismatch, not corruption)."""
-    try:
-      metadata = self._manager.item_metadata(step)["state"]
-    except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointCorruptedError(self.step_dir(step), _first_line(e)) from e
-    if metadata is None:
-      raise CheckpointCorruptedError(self.step_dir(step), "no state item")
-    saved = {jax.tree_util.keystr(p): getattr(m, "shape", None)
-             for p, m in jax.tree_util.tree_flatten_with_path(metadata)[0]}
-    wanted = {jax.tree_util.keystr(p): _stored_shape(a)
-              for p, a in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
-    saved_keys = {_plain_key(k): k for k in saved}
-    for key, shape in wanted.items():
-      saved_key = saved_keys.get(_plain_key(key))
-      if saved_key is None:
-        raise ValueError(
-            f"checkpoint {self.step_dir(step)} has no state leaf {key}: the state"
-            " structure changed since it was saved")
-      saved_shape = saved[saved_key]
-      if saved_shape is not None and tuple(saved_shape) != shape:
-        raise ValueError(
-            f"checkpoint {self.step_dir(step)} stores state leaf {key} with shape"
-            f" {tuple(saved_shape)}, the current state wants {shape}")
+
+
+def _check_structure(step_dir: Path, metadata: Any, abstract_state: Any) -> None:
+  """Names the first leaf whose path or shape differs (a mismatch, not corruption)."""
+  saved = {jax.tree_util.keystr(p): getattr(m, "shape", None)
+           for p, m in jax.tree_util.tree_flatten_with_path(metadata)[0]}
+  wanted = {jax.tree_util.keystr(p): _stored_shape(a)
+            for p, a in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+  saved_keys = {_plain_key(k): k for k in saved}
+  for key, shape in wanted.items():
+    saved_key = saved_keys.get(_plain_key(key))
+    if saved_key is None:
+      raise CheckpointMismatchError(
+          f"checkpoint {step_dir} has no state leaf {key}: the state structure changed"
+          " since it was saved")
+    saved_shape = saved[saved_key]
+    if saved_shape is not None and tuple(saved_shape) != shape:
+      raise CheckpointMismatchError(
+          f"checkpoint {step_dir} stores state leaf {key} with shape {tuple(saved_shape)},"
+          f" the current state wants {shape}")
 
 
 def _stored_shape(leaf: Any) -> tuple[int, ...]:
@@ -617,7 +625,7 @@ def abstract_like(state: Any) -> Any:
 
 
 __all__ = [
-    "Checkpointer", "CheckpointError", "CheckpointNotFoundError", "CheckpointCorruptedError",
-    "CheckpointWriteError", "IncompatibleConfigError", "check_compatible", "export_student",
-    "abstract_like", "CHECKPOINT_DIR",
+    "CHECKPOINT_DIR", "Checkpointer", "CheckpointError", "CheckpointNotFoundError",
+    "CheckpointCorruptedError", "CheckpointWriteError", "CheckpointMismatchError",
+    "IncompatibleConfigError", "check_compatible", "export_student", "abstract_like",
 ]

@@ -188,8 +188,12 @@ def test_shape_mismatch_names_leaf(tmp_path, state, mesh):
   with ckpt.Checkpointer(tmp_path, save_every=1, async_save=False) as checkpointer:
     checkpointer.save(1, state, data_state={}, config=CONFIG)
     wider = make_state(mesh, width=16)
-    with pytest.raises(ValueError, match=r"state leaf .*student.* with shape \(8,\), the current state wants \(16,\)"):
+    with pytest.raises(ckpt.CheckpointMismatchError,
+                       match=r"leaf .*student.* with shape \(8,\), the current state wants \(16,\)"):
       checkpointer.restore(ckpt.abstract_like(wider), fallback=True)
+    extra = ckpt.abstract_like(state.replace(params={**state.params, "new": state.step}))
+    with pytest.raises(ckpt.CheckpointMismatchError, match=r"no state leaf .*new.*structure changed"):
+      checkpointer.restore(extra)
 
 
 # ------------------------------------------------------------------ atomicity

@@ -9,7 +9,6 @@ process) restores the same checkpoint afterwards.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -47,14 +46,9 @@ def worker(coordinator: str, process_id: int, run_dir: str) -> None:
   print(f"WORKER {process_id} OK", flush=True)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.multihost
 def test_two_processes_save_once_and_agree_on_stop(tmp_path):
+  from test_multihost import _free_port  # pylint: disable=g-import-not-at-top
   coordinator = f"127.0.0.1:{_free_port()}"
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
              JAX_PLATFORMS="cpu")
