@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The accelerator suite, in one command, under 8 minutes on one H100/H200; JSON to $OUT.
+#
+#   bash benchmarks/gpu.sh            # on the device machine, from the repo root, with .whl carried
+#
+# Needs the wheels of ../shared/device/prepare-wheels.sh in .whl/ (transformers 4 with the
+# Flax classes; the machine's image has jax, flax, optax and torch).  Every run has its own
+# time limit so one slow piece cannot eat the others; a failure is logged and the rest go on.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/bench_out}
+mkdir -p "$OUT"
+LOG="$OUT/gpu_suite.log"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed" | tee -a "$LOG"; exit 1; }
+  export PYTHONPATH=$PWD:/tmp/site
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+export XLA_PYTHON_CLIENT_PREALLOCATE=false   # JAX and PyTorch share the GPU in torch_reference.py
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+PY=${PY:-python3}
+
+run() {  # run <seconds> <name> <command...>
+  local limit=$1 name=$2; shift 2
+  echo "=== $name: $* (limit ${limit}s) $(date -u +%H:%M:%S)" | tee -a "$LOG"
+  local start=$SECONDS
+  timeout "$limit" "$@" >>"$LOG" 2>&1
+  echo "=== $name: rc=$? in $((SECONDS - start))s" | tee -a "$LOG"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY -c 'import jax; print(jax.devices())'; } >>"$LOG" 2>&1
+
+run 90 step_bert  $PY benchmarks/step.py --preset bert-base --modes jit,sharded,pmap --dtypes float32,bfloat16 \
+  --steps 20 --warmup 3 --out "$OUT/step_bert.json"
+run 120 step_gpt2  $PY benchmarks/step.py --preset gpt2 --modes jit,sharded,pmap --dtypes float32,bfloat16 \
+  --steps 20 --warmup 3 --out "$OUT/step_gpt2.json"
+run 55 torch_bert_f32  $PY benchmarks/torch_reference.py --preset bert-base --dtype float32 --steps 20 --warmup 3 \
+  --out "$OUT/torch_bert_f32.json"
+run 55 torch_bert_bf16 $PY benchmarks/torch_reference.py --preset bert-base --dtype bfloat16 --steps 20 --warmup 3 \
+  --out "$OUT/torch_bert_bf16.json"
+run 65 torch_gpt2_bf16 $PY benchmarks/torch_reference.py --preset gpt2 --dtype bfloat16 --steps 20 --warmup 3 \
+  --out "$OUT/torch_gpt2_bf16.json"
+if [ -f benchmarks/vocab_kl.py ]; then
+  # vocab 128k at 8k tokens, d=2048; the script's own flags (see its docstring).
+  run 60 vocab_kl $PY benchmarks/vocab_kl.py ${VOCAB_KL_ARGS:---vocab 131072 --tokens 8192 --hidden 2048} \
+    --out "$OUT/vocab_kl.json"
+fi
+grep -h '^|' "$LOG" > "$OUT/tables.md" || true
+echo "suite done in ${SECONDS}s; results in $OUT" | tee -a "$LOG"

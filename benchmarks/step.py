@@ -1,0 +1,268 @@
+"""One distillation train step: step time, tokens/s, compile time, memory and MFU.
+
+    python benchmarks/step.py --preset bert-base [--batch 8] [--seq 128] [--modes jit,sharded,pmap]
+        [--dtypes float32,bfloat16] [--steps 20] [--warmup 2] [--out step.json]
+
+The step is the product's `distill_jax.step.train_step`: teacher forward (no gradient),
+student forward + backward, AdamW update (global-norm clipping 1.0), with the objective
+``forward_kl(T=2)`` on the logits + ``hidden_mse`` on the last hidden state built by
+`build_objective`.  Models come from HF configs with random weights (see
+`common.PRESETS`); the student is `init_student(teacher, num_layers=...)`.
+
+Modes: ``jit`` (one device, ``jax.jit`` with the state donated), ``sharded``
+(`make_jit_step` on a ``("data", "fsdp")`` mesh over every device) and ``pmap``
+(`make_pmap_step`).  ``bfloat16`` means bf16 compute with f32 student (master) params; the
+teacher's params are stored in bf16 too.
+
+Compile time is ``lower`` + ``compile`` of the step, timed separately from the steps.
+MFU = model FLOPs per step / step time / peak, with the FLOP accounting of
+`common.step_flops` and, on CPU, a large-matmul peak measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+from typing import Any
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+TERMS = ({"loss": "forward_kl", "temperature": 2.0}, {"loss": "hidden_mse", "layers": "last"})
+MODES = ("jit", "sharded", "pmap")
+DTYPES = ("float32", "bfloat16")
+COLUMNS = ("preset", "mode", "dtype", "devices", "batch", "seq", "step_ms", "tokens_per_s", "lower_s", "compile_s",
+           "peak_mem_MiB", "mfu_pct", "peak_TFLOPs")
+
+
+class Setup:
+  """Teacher, student, objective, optimizer and a host batch for one preset and dtype."""
+
+  def __init__(self, preset: common.Preset, dtype: str, *, batch: int, seq: int, seed: int = 0):
+    import jax
+    import jax.numpy as jnp
+
+    from distill_jax import models
+    from distill_jax.objective import build_objective
+    from distill_jax.state import make_optimizer
+
+    self.preset, self.dtype, self.batch_size, self.seq = preset, dtype, batch, seq
+    self.hf_config = common.hf_config(preset)
+    self.teacher = models.model_from_config(self.hf_config, preset.task, seed=seed, dtype=dtype)
+    self.student = models.init_student(self.teacher, num_layers=preset.student_layers, seed=seed + 1)
+    teacher_params = self.teacher.params
+    if dtype != "float32":
+      teacher_params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                                    teacher_params)
+    self.teacher_params = {"teacher": teacher_params}
+    self.objective = build_objective(TERMS, student=self.student, teachers={"teacher": self.teacher})
+    self.optimizer = make_optimizer("adamw", 1e-4, schedule="constant", weight_decay=0.01, clip_norm=1.0)
+    self.projections = self.objective.init_projections(jax.random.PRNGKey(seed))
+    self.batch = common.random_batch(batch, seq, int(self.hf_config.vocab_size), seed)
+    self.flops = common.step_flops(common.model_shape(self.teacher.params, self.hf_config),
+                                   common.model_shape(self.student.params, self.student.hf_config), batch, seq)
+
+  def step_kwargs(self) -> dict:
+    return dict(student_apply=self.student.apply, teacher_applies={"teacher": self.teacher.apply},
+                objective=self.objective, optimizer=self.optimizer)
+
+  def fresh_state(self):
+    import jax
+    import jax.numpy as jnp
+
+    from distill_jax.state import create_train_state
+
+    # `init_student` shares the copied layers' buffers with the teacher; donating the state
+    # would then donate teacher buffers too ("buffer previously donated"), so copy.
+    params = jax.tree.map(lambda x: jnp.array(x, copy=True), self.student.params)
+    return create_train_state(params, self.optimizer, projection_params=self.projections, seed=0)
+
+
+class JaxRunner:
+  """A compiled step in one mode; `step()` runs one update and blocks on its loss."""
+
+  def __init__(self, setup: Setup, mode: str):
+    import jax
+    import jax.numpy as jnp
+
+    from distill_jax import sharding, step
+
+    self.setup, self.mode = setup, mode
+    kwargs = setup.step_kwargs()
+    if mode == "jit":
+      self.devices = 1
+      dev = jax.devices()[0]
+      fn = jax.jit(functools.partial(step.train_step, **kwargs), donate_argnums=0)
+      self.state = jax.device_put(setup.fresh_state(), dev)
+      self.teacher_params = jax.device_put(setup.teacher_params, dev)
+      self.batch = jax.device_put(setup.batch, dev)
+    elif mode == "sharded":
+      self.devices = jax.device_count()
+      mesh = sharding.make_mesh(data=-1, fsdp=1)
+      state = setup.fresh_state()
+      js = step.make_jit_step(mesh=mesh, state=state, teacher_params=setup.teacher_params, **kwargs)
+      fn = js.train.jitted
+      self.state = jax.device_put(state, js.state_sharding)
+      self.teacher_params = jax.device_put(setup.teacher_params, js.teacher_sharding)
+      self.batch = sharding.shard_batch(setup.batch, mesh)
+    elif mode == "pmap":
+      self.devices = jax.local_device_count()
+      ps = step.make_pmap_step(**kwargs)
+      fn = ps.train.pmapped
+      n = self.devices
+      self.state = step.replicate(setup.fresh_state())
+      self.teacher_params = step.replicate(setup.teacher_params)
+      b = setup.batch_size
+      if b % n:
+        raise SystemExit(f"--batch {b} is not divisible by the {n} pmap devices")
+      self.batch = {k: jnp.reshape(jnp.asarray(v), (n, b // n) + v.shape[1:]) for k, v in setup.batch.items()}
+    else:
+      raise SystemExit(f"--modes: unknown {mode!r}; allowed: {', '.join(MODES)}")
+    start = time.perf_counter()
+    lowered = fn.lower(self.state, self.teacher_params, self.batch)
+    self.lower_s = time.perf_counter() - start
+    start = time.perf_counter()
+    self.compiled = lowered.compile()
+    self.compile_s = time.perf_counter() - start
+    self.memory = common.memory_analysis(self.compiled)
+    try:
+      cost = self.compiled.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      self.xla_flops = float(cost.get("flops", float("nan")))
+    except Exception:  # noqa: BLE001
+      self.xla_flops = float("nan")
+
+  def step(self) -> float:
+    self.state, metrics = self.compiled(self.state, self.teacher_params, self.batch)
+    return float(metrics["loss"].ravel()[0] if self.mode == "pmap" else metrics["loss"])
+
+
+def breakdown(setup: Setup, steps: int) -> dict:
+  """Median ms of the step's parts, each jitted alone: where the time goes.
+
+  ``teacher_fwd``: the teacher's forward; ``student_fwd_bwd``: student forward + objective +
+  gradient (teacher outputs precomputed); ``optimizer``: clipping + AdamW update.
+  """
+  import jax
+  import optax
+
+  from distill_jax import step as step_lib
+
+  s = setup
+  state = s.fresh_state()
+  tp, batch = s.teacher_params, {k: jax.numpy.asarray(v) for k, v in s.batch.items()}
+  teachers = {"teacher": s.teacher.apply}
+  teacher_fn = jax.jit(lambda tp, b: step_lib._teacher_outputs(tp, b, teachers, s.objective))
+  t_out = teacher_fn(tp, batch)
+
+  def loss(params, t_out, b):
+    out = s.student.apply(params["student"], b, outputs=s.objective.outputs_for("student"), train=True,
+                          rng=jax.random.PRNGKey(0))
+    return s.objective(out, t_out, b, params["projections"], state.step)[0]
+
+  grad_fn = jax.jit(jax.grad(loss))
+  grads = grad_fn(state.params, t_out, batch)
+
+  def update(grads, opt_state, params):
+    updates, opt_state = s.optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  update_fn = jax.jit(update)
+  update_fn(grads, state.opt_state, state.params)
+  parts = {"teacher_fwd": lambda: jax.block_until_ready(teacher_fn(tp, batch)),
+           "student_fwd_bwd": lambda: jax.block_until_ready(grad_fn(state.params, t_out, batch)),
+           "optimizer": lambda: jax.block_until_ready(update_fn(grads, state.opt_state, state.params))}
+  times = {k: [] for k in parts}
+  for _ in range(steps):
+    for k, fn in parts.items():
+      times[k] += common.time_calls(fn, 1)
+  return {k: 1e3 * common.median(v) for k, v in times.items()}
+
+
+def result_row(setup: Setup, runner: JaxRunner, times: list[float], peak: float, peak_source: str) -> dict:
+  import jax
+
+  step_s = common.median(times)
+  cpu = jax.devices()[0].platform == "cpu"
+  total_peak = peak if cpu else peak * runner.devices
+  mem = runner.memory.get("peak_estimate_bytes")
+  return {"preset": setup.preset.name, "mode": runner.mode, "dtype": setup.dtype, "devices": runner.devices,
+          "batch": setup.batch_size, "seq": setup.seq, "step_ms": 1e3 * step_s,
+          "tokens_per_s": setup.flops["tokens"] / step_s, "lower_s": runner.lower_s, "compile_s": runner.compile_s,
+          "peak_mem_MiB": mem / 2**20 if mem is not None else "n/a",
+          "mfu_pct": 100 * setup.flops["flops_per_step"] / step_s / total_peak,
+          "peak_TFLOPs": total_peak / 1e12, "peak_source": peak_source, "steps_timed": len(times),
+          "step_times_s": times, "memory_analysis": runner.memory, "device_memory": common.device_memory_stats(),
+          "xla_cost_flops": runner.xla_flops, **setup.flops}
+
+
+def parse_args(argv=None, description: str = __doc__):
+  parser = argparse.ArgumentParser(description=description.splitlines()[0])
+  parser.add_argument("--preset", default="bert-base", help=", ".join(common.PRESETS))
+  parser.add_argument("--batch", type=int, default=None, help="global batch (default: the preset's)")
+  parser.add_argument("--seq", type=int, default=None, help="sequence length (default: the preset's)")
+  parser.add_argument("--modes", default="jit", help="comma list of " + ", ".join(MODES))
+  parser.add_argument("--dtypes", default="float32", help="comma list of " + ", ".join(DTYPES))
+  parser.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
+  parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+  parser.add_argument("--out", default=None, help="write JSON results here")
+  parser.add_argument("--breakdown", action="store_true", help="also time teacher fwd / student fwd+bwd / optimizer")
+  parser.add_argument("--profile", default=None, help="write a jax.profiler trace of 3 steps of the first mode here")
+  parser.add_argument("--dump-hlo", default=None, help="write the first mode's optimized HLO text here")
+  return parser
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv).parse_args(argv)
+  import jax
+
+  preset = common.get_preset(args.preset)
+  batch, seq = args.batch or preset.batch, args.seq or preset.seq
+  rows = []
+  payload = {"env": common.env_info(), "command": common.command_line(), "terms": TERMS, "results": rows}
+  for dtype in args.dtypes.split(","):
+    if dtype not in DTYPES:
+      raise SystemExit(f"--dtypes: unknown {dtype!r}; allowed: {', '.join(DTYPES)}")
+    peak, peak_source = common.device_peak(dtype)
+    setup = Setup(preset, dtype, batch=batch, seq=seq)
+    if args.breakdown:
+      parts = breakdown(setup, args.steps)
+      print(common.markdown_table([dict(preset=preset.name, dtype=dtype, batch=batch, seq=seq, **parts)],
+                                  ("preset", "dtype", "batch", "seq", *parts)), flush=True)
+      payload.setdefault("breakdown_ms", {})[dtype] = parts
+    for mode in args.modes.split(","):
+      runner = JaxRunner(setup, mode)
+      for _ in range(args.warmup):
+        runner.step()
+      times = common.time_calls(runner.step, args.steps)
+      if jax.devices()[0].platform == "cpu":  # load drifts: the best of before and after the steps
+        peak = max(peak, common.matmul_peak(dtype))
+      row = result_row(setup, runner, times, peak, peak_source)
+      if args.profile and not rows:
+        with jax.profiler.trace(args.profile):
+          for _ in range(3):
+            runner.step()
+      if args.dump_hlo and not rows:
+        with open(args.dump_hlo, "w") as f:
+          f.write(runner.compiled.as_text())
+      rows.append(row)
+      print(common.markdown_table([row], COLUMNS).splitlines()[-1], flush=True)
+      common.write_json(args.out, dict(payload, results=rows))  # after every row: a timeout keeps the rest
+      del runner
+  print()
+  print(common.markdown_table(rows, COLUMNS))
+  print(f"\npeak: {rows[0]['peak_source']}; FLOPs/step {rows[0]['flops_per_step']:.4g} "
+        f"(N_teacher={rows[0]['n_teacher']:,}, N_student={rows[0]['n_student']:,}); "
+        f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}")
+  return payload
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,66 @@
+"""Smoke tests: every benchmark script runs on the tiny preset for a step or two.
+
+No timing is asserted; this only keeps the scripts from rotting.  Each script runs in a
+subprocess (as a user runs it) with one forced host device unless stated.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+
+
+def _run(script, *args, devices=1, timeout=600):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, os.path.join(BENCH, script), *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout, check=False)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc.stdout
+
+
+def test_step_all_modes_and_dtypes(tmp_path):
+  out = tmp_path / "step.json"
+  stdout = _run("step.py", "--preset", "tiny", "--modes", "jit,sharded,pmap", "--steps", "1", "--warmup", "1",
+                "--batch", "4", "--out", str(out), devices=2)
+  rows = json.loads(out.read_text())["results"]
+  assert [(r["mode"], r["dtype"]) for r in rows] == [(m, "float32") for m in ("jit", "sharded", "pmap")]
+  assert [r["devices"] for r in rows] == [1, 2, 2]
+  for r in rows:
+    assert r["tokens_per_s"] > 0 and r["flops_per_step"] > 0 and r["compile_s"] > 0
+  assert "| tiny | jit | float32 |" in stdout
+
+
+def test_flop_accounting_counts_tied_and_untied_heads():
+  sys.path.insert(0, BENCH)
+  import common
+
+  step = common.step_flops(common.ModelShape(100, 2, 8), common.ModelShape(50, 1, 8), batch=2, seq=4)
+  assert step["flops_per_token_teacher"] == 2 * 100 + 4 * 2 * 4 * 8
+  assert step["flops_per_token_student"] == 3 * (2 * 50 + 4 * 1 * 4 * 8)
+  assert step["flops_per_step"] == 8 * (step["flops_per_token_teacher"] + step["flops_per_token_student"])
+
+
+def test_torch_reference_bf16(tmp_path):
+  out = tmp_path / "torch.json"
+  _run("torch_reference.py", "--preset", "tiny-gpt2", "--dtype", "bfloat16", "--steps", "1", "--warmup", "1",
+       "--out", str(out))
+  rows = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
+  assert set(rows) == {"jax-jit", "torch-eager"}
+  assert rows["torch-eager"]["jax_over_torch"] > 0
+
+
+def test_scaling(tmp_path):
+  out = tmp_path / "scaling.json"
+  _run("scaling.py", "--preset", "tiny", "--seqs", "16", "--batches", "2", "--device-counts", "2", "--batch", "2",
+       "--seq", "16", "--steps", "1", "--warmup", "0", "--out", str(out))
+  rows = json.loads(out.read_text())["results"]
+  assert [(r["sweep"], r["devices"]) for r in rows] == [("seq", 1), ("batch", 1), ("devices", 2)]
+
+
+def test_gpu_script_is_valid_bash():
+  subprocess.run(["bash", "-n", os.path.join(BENCH, "gpu.sh")], check=True)
