@@ -148,13 +148,40 @@ def _layers_key(hf_config: Any) -> str:
   return "num_hidden_layers"
 
 
+# Attention-dropout rates by HF config name (BERT/RoBERTa, DistilBERT/Llama/OPT, GPT-2).
+_ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
+
+
+def _no_attention_dropout(cfg: config_lib.Config, student: Any) -> Any:
+  """Turns off the student's attention dropout when a term matches attention probabilities.
+
+  transformers' attention modules return the probabilities *after* dropout, so with it
+  a KL to the teacher's probabilities would compare against rows with zeroed entries
+  (a large, meaningless loss).  Hidden-state dropout is kept.
+  """
+  from distill_jax import objective as objective_lib
+
+  needs = any("attention_probs" in objective_lib.LOSSES[t.loss].outputs for t in cfg.objective.terms
+              if t.loss in objective_lib.LOSSES)
+  keys = [k for k in _ATTENTION_DROPOUT_KEYS if getattr(student.hf_config, k, 0.0)]
+  if not (needs and keys):
+    return student
+  import copy
+
+  hf_config = copy.deepcopy(student.hf_config)
+  for key in keys:
+    setattr(hf_config, key, 0.0)
+  _LOG.info("student: attention dropout off (%s) because a term matches attention probabilities", ", ".join(keys))
+  return dataclasses.replace(student, module=student.module.clone(config=hf_config), hf_config=hf_config)
+
+
 def _load_models(cfg: config_lib.Config) -> tuple[Any, dict[str, Any]]:
   """The student and the teachers by name (a "student" teacher is its frozen copy)."""
   import dataclasses as dc
 
   teachers = {name: _load_teacher(name, tc) for name, tc in cfg.teachers.items()
               if tc.path != config_lib.SELF_TEACHER}
-  student = _build_student(cfg, teachers)
+  student = _no_attention_dropout(cfg, _build_student(cfg, teachers))
   for name, tc in cfg.teachers.items():
     if tc.path == config_lib.SELF_TEACHER:
       dtype = jnp.dtype(tc.param_dtype)
@@ -489,10 +516,16 @@ def train(cfg: config_lib.Config) -> RunResult:
   state = run.state
   resumed_from = None
   if cfg.checkpoint.resume and ckpt.latest_step() is not None:
-    restored, data_state, _, resumed_from = ckpt.restore(_abstract_state(run), fallback=cfg.checkpoint.fallback)
+    try:
+      restored, data_state, _, resumed_from = ckpt.restore(_abstract_state(run), fallback=cfg.checkpoint.fallback)
+    except BaseException:
+      ckpt.close()
+      raise
     state = _device_state(run, restored)
     train_it.set_state(data_state)
     _echo(f"resumed from the checkpoint of step {resumed_from}")
+    if resumed_from < ckpt.latest_step():  # fell back past corrupted steps: set them aside
+      ckpt = _set_aside_later_steps(cfg, run_dir, ckpt, resumed_from)
   start = int(np.asarray(_host_state(run, state).step))
 
   before = _undistilled_eval(run, run_dir) if cfg.eval.before_and_after and _is_main() else None
@@ -503,18 +536,22 @@ def train(cfg: config_lib.Config) -> RunResult:
   nonfinite_run: list[int] = []
   pending = None  # (step, metrics on device, tokens, t) of the previous step: fetched one step late
   nan_teacher = None
+  nan_first, nan_count = cfg.train.debug_nonfinite_step, cfg.train.debug_nonfinite_count
   last_eval: dict[str, float] = {}
   tokens_seen, t_window = 0, time.perf_counter()
+  failed = True
   try:
     with preemption.PreemptionGuard() as guard:
       while step < cfg.train.steps:
         batch = next(train_it)
         teacher_params = run.teacher_params
-        if step == cfg.train.debug_nonfinite_step:  # test hook: a teacher that outputs NaN for one step
+        if 0 < nan_first <= step + 1 < nan_first + nan_count:  # test hook: a NaN teacher for these steps
           nan_teacher = nan_teacher or jax.tree.map(lambda x: x * jnp.nan, run.teacher_params)
           teacher_params = nan_teacher
         state, metrics = run.step_fn.train(state, teacher_params, _place_batch(run, batch))
         step += 1
+        if cfg.train.debug_step_delay:  # test hook: a slow step, for signals in mid-loop
+          time.sleep(cfg.train.debug_step_delay)
         current = (step, metrics, _tokens(batch))
         if pending is not None:
           tokens_seen = _after_step(run, pending, logger, bar, nonfinite_run, tokens_seen, t_window, ckpt)
@@ -552,11 +589,16 @@ def train(cfg: config_lib.Config) -> RunResult:
         ckpt.maybe_save(step, _host_state(run, state), data_state=train_it.get_state(), config=cfg.to_dict(),
                         metrics=last_eval, force=True)
         ckpt.wait()
+    failed = False
   finally:
     if bar is not None:
       bar.close()
     logger.close()
-    ckpt.close()
+    if failed:  # keep the first error: a second one from waiting on a pending save would hide it
+      with contextlib.suppress(Exception):
+        ckpt.close()
+    else:
+      ckpt.close()
 
   report = export_dir = None
   if not preempted:
@@ -574,26 +616,53 @@ def _after_step(run: Run, pending: tuple, logger: _Logger, bar: Any, nonfinite_r
   step, metrics, tokens = pending
   tokens_seen += tokens
   values = _finalize_metrics(jax.device_get(metrics), prefix="train/")
-  if values.get("train/nonfinite", 0.0) > 0:
+  nonfinite = values.get("train/nonfinite", 0.0) > 0
+  if nonfinite:
     nonfinite_run.append(step)
     _echo(f"step {step}: non-finite loss or gradient; the update was skipped "
           f"({len(nonfinite_run)} in a row)")
-    if len(nonfinite_run) >= cfg.train.max_nonfinite_steps:
-      last = ckpt.latest_step()
-      raise TrainingError(f"train.max_nonfinite_steps: the loss was non-finite for {len(nonfinite_run)} consecutive "
-                          f"steps ({nonfinite_run[0]}..{step}); the last good checkpoint is step {last}")
   else:
     nonfinite_run.clear()
-  if step % max(cfg.train.log_every, 1) == 0 or step == cfg.train.steps or values.get("train/nonfinite", 0) > 0:
+  if step % max(cfg.train.log_every, 1) == 0 or step == cfg.train.steps or nonfinite:
     elapsed = max(time.perf_counter() - t_window, 1e-9)
     values["train/tokens_per_s"] = tokens_seen / elapsed
     logger.log(step, values)
     if bar is not None:
       bar.set_postfix(loss=f"{values['train/loss']:.4f}", tok_s=f"{values['train/tokens_per_s']:.0f}",
                       refresh=False)
+  if len(nonfinite_run) >= cfg.train.max_nonfinite_steps:
+    last = ckpt.latest_step()
+    steps = f"step {step}" if len(nonfinite_run) == 1 else f"steps {nonfinite_run[0]}..{step}"
+    raise TrainingError(f"train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}: the loss was non-finite at "
+                        f"{steps} ({len(nonfinite_run)} consecutive, updates skipped); stopped, the last "
+                        f"checkpoint is step {last} in {ckpt.directory}")
   if bar is not None:
     bar.update(step - bar.n)
   return tokens_seen
+
+
+def _set_aside_later_steps(cfg: config_lib.Config, run_dir: pathlib.Path, ckpt: Any, good: int) -> Any:
+  """Moves the (corrupted) steps after ``good`` to ``<run_dir>/checkpoints_corrupted``.
+
+  The resumed run saves those steps again; Orbax would not overwrite them in place.
+  Returns a fresh checkpointer over the cleaned directory.
+  """
+  import shutil
+
+  later = [s for s in ckpt.all_steps() if s > good]
+  ckpt.close()
+  if _is_main():
+    aside = run_dir / "checkpoints_corrupted"
+    aside.mkdir(exist_ok=True)
+    for s in later:
+      target = aside / f"{s}-{int(time.time())}"
+      shutil.move(str(ckpt.step_dir(s)), str(target))
+      _echo(f"moved the corrupted checkpoint of step {s} to {target}")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("distill_jax: corrupted checkpoints set aside")
+  return _checkpointer(cfg, run_dir)
 
 
 def _undistilled_eval(run: Run, run_dir: pathlib.Path) -> dict[str, float]:
@@ -641,6 +710,7 @@ def _final_report(run: Run, state: Any, run_dir: pathlib.Path, before: Optional[
                                                iters=max(run.config.eval.throughput_batches, 1))
   rep = report_lib.build_report(before, after, efficiency, teacher_name=str(tc.path if tc else run.main_teacher),
                                 student_name=f"{run.student.family} {run.student.num_layers} layers")
+  rep["nonfinite_steps"] = [int(r["step"]) for r in history if r.get("train/nonfinite", 0) > 0]
   report_lib.write_report(run_dir, rep, history)
   _echo(report_lib.format_table(rep))
   return rep
