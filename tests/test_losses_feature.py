@@ -77,7 +77,7 @@ def test_attention_mse_golden_key_mask_and_mask_filled_scores_agree():
   filled_s = np.where(key_mask[:, None, None, :], s, np.finfo(np.float32).min)
   filled_t = np.where(key_mask[:, None, None, :], t, -1e4)
   np.testing.assert_allclose(losses.attention_mse(filled_s, filled_t), want, rtol=1e-5)
-  grad = jax.grad(lambda x: jnp.sum(losses.attention_mse(x, filled_t)))(filled_s)
+  grad = jax.jit(jax.grad(lambda x: jnp.sum(losses.attention_mse(x, filled_t))))(filled_s)
   np.testing.assert_array_equal(grad[~np.broadcast_to(key_mask[:, None, None, :], s.shape)], 0.0)
 
 
@@ -112,7 +112,7 @@ def test_value_relation_kl_key_mask_equals_slicing():
   np.testing.assert_allclose(
       got[..., :3], losses.value_relation_kl(sv[:, :3], tv[:, :3], num_heads=2), rtol=1e-5)
   np.testing.assert_array_equal(got[..., 3:], 0.0)
-  grad = jax.grad(lambda x: jnp.sum(fn(x)))(sv_bad)
+  grad = jax.jit(jax.grad(lambda x: jnp.sum(fn(x))))(sv_bad)
   assert np.all(np.isfinite(grad)) and np.all(grad[:, 3:] == 0.0)
 
 
@@ -151,7 +151,7 @@ def test_where_masks_values_and_gradients(name):
   if name != "value_relation_kl":  # there a masked query token is still a key (see key_mask)
     s_bad = s.copy()
     s_bad[~where] = np.nan
-    grad = jax.grad(lambda s: losses.masked_mean(fn(s, t, where=where), where))(s_bad)
+    grad = jax.jit(jax.grad(lambda s: losses.masked_mean(fn(s, t, where=where), where)))(s_bad)
     assert np.all(np.isfinite(grad))
     np.testing.assert_array_equal(grad[~where], 0.0)
 
@@ -159,7 +159,8 @@ def test_where_masks_values_and_gradients(name):
 @pytest.mark.parametrize("name", sorted(ALL))
 def test_check_grads(name):
   fn, s, t, _ = ALL[name]
-  check_grads(lambda s: fn(s, t), (s,), order=1, modes=("rev",), atol=1e-2, rtol=1e-2, eps=1e-3)
+  check_grads(jax.jit(lambda s: fn(s, t)), (s,), order=1, modes=("rev",),
+              atol=1e-2, rtol=1e-2, eps=1e-3)
 
 
 @pytest.mark.parametrize("name", sorted(ALL))

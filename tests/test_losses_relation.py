@@ -105,7 +105,7 @@ def test_example_mask_excludes_padding_from_the_statistics(name):
   got = jax.jit(lambda s: fn(s, t, where=where))(s_bad)
   np.testing.assert_allclose(got[where], fn(s[where], t[where]), rtol=1e-5, atol=1e-7)
   np.testing.assert_array_equal(got[~where], 0.0)
-  grad = jax.grad(lambda s: _reduce(name, fn(s, t, where=where), where))(s_bad)
+  grad = jax.jit(jax.grad(lambda s: _reduce(name, fn(s, t, where=where), where)))(s_bad)
   assert np.all(np.isfinite(grad)) and np.all(grad[~where] == 0.0)
 
 
@@ -136,7 +136,7 @@ def test_token_relation_golden_with_mask(kind):
   got = fn(s_bad, t, where=where)
   assert got.shape == (2, T)
   np.testing.assert_allclose(got, _np_token_relation(s, t, where, kind), rtol=1e-4, atol=1e-6)
-  grad = jax.grad(lambda s: losses.masked_mean(fn(s, t, where=where), where))(s_bad)
+  grad = jax.jit(jax.grad(lambda s: losses.masked_mean(fn(s, t, where=where), where)))(s_bad)
   assert np.all(np.isfinite(grad)) and np.all(grad[~where] == 0.0)
 
 
@@ -157,7 +157,7 @@ ALL = {
 def test_check_grads(name):
   shape = (2, T, DS) if name.startswith("token") else (B, DS)
   s, t = _randn(11, *shape), _randn(12, *shape[:-1], DT)
-  check_grads(lambda s: ALL[name](s, t), (s,), order=1, modes=("rev",),
+  check_grads(jax.jit(lambda s: ALL[name](s, t)), (s,), order=1, modes=("rev",),
               atol=1e-2, rtol=1e-2, eps=1e-3)
 
 

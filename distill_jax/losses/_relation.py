@@ -194,7 +194,8 @@ def rkd_angle(
   vertex i averages over the valid j, k ≠ i:
 
   .. math::
-    \\frac{1}{(b-1)^2} \\sum_{j, k \\ne i} \\ell_{\\delta=1}\\big(\\psi_A^S(i,j,k) - \\psi_A^T(i,j,k)\\big)
+    \\frac{1}{(b-1)^2} \\sum_{j, k \\ne i}
+    \\ell_{\\delta=1}\\big(\\psi_A^S(i,j,k) - \\psi_A^T(i,j,k)\\big)
 
   Invariant to a global rescaling (and translation) of either model's features.
 

@@ -187,7 +187,8 @@ def chunked_generalized_jsd(
   """Token-level generalized JSD·T² (see :func:`generalized_jsd`) from hidden states, chunked.
 
   .. math::
-    T^2 \\big(\\beta KL(p_T\\|M) + (1-\\beta) KL(p_S\\|M)\\big),\\quad M = \\beta p_T + (1-\\beta) p_S
+    T^2 \\big(\\beta KL(p_T\\|M) + (1-\\beta) KL(p_S\\|M)\\big),\\quad
+    M = \\beta p_T + (1-\\beta) p_S
 
   Args:
     student_hidden: `[N, Ds]` or `[B, T, Ds]` final student hidden states.
