@@ -31,7 +31,7 @@ Teacher = Union[ArrayLike, tuple[ArrayLike, ArrayLike]]
 def _kl(logp_x: jax.Array, logp_y: jax.Array) -> jax.Array:
   """KL(p_x‖p_y) over the last axis from log-probabilities, with 0·log 0 = 0."""
   p_x = jnp.exp(logp_x)
-  support = p_x > 0
+  support = p_x != 0  # NaN stays in: a non-finite teacher must not silently give 0
   log_ratio = jnp.where(support, logp_x - logp_y, 0.0)
   return jnp.sum(jnp.where(support, p_x * log_ratio, 0.0), axis=-1)
 
@@ -44,7 +44,7 @@ def _kl_to_mixture(logp_x: jax.Array, logp_y: jax.Array, weight_x: float) -> jax
   """
   weight_x = jnp.asarray(weight_x, jnp.float32)
   p_x = jnp.exp(logp_x)
-  support = p_x > 0
+  support = p_x != 0  # NaN stays in: a non-finite teacher must not silently give 0
   log_ratio = jnp.where(support, logp_y - logp_x, 0.0)
   log_mix_over_x = jnp.logaddexp(jnp.log(weight_x), jnp.log1p(-weight_x) + log_ratio)
   return -jnp.sum(jnp.where(support, p_x * log_mix_over_x, 0.0), axis=-1)
