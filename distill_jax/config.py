@@ -509,7 +509,12 @@ class TrainConfig(_Section):
       steps (each is skipped, not applied).
     precision: matmul precision (``jax_default_matmul_precision``): ``default | high |
       highest``.
-    debug_nonfinite_step: test hook: inject a non-finite loss at this step (``-1``: off).
+    debug_nonfinite_step: test hook: make step k (1-based, as logged) non-finite with a
+      NaN teacher (``-1``: off).
+    debug_nonfinite_count: test hook: how many consecutive steps from
+      ``debug_nonfinite_step`` are non-finite.
+    debug_step_delay: test hook: seconds to sleep after each step, so that fault tests
+      can signal a run in the middle of its loop (``0``: off).
   """
 
   _SECTION = "train"
@@ -523,19 +528,23 @@ class TrainConfig(_Section):
   max_nonfinite_steps: int = 10
   precision: Literal["default", "high", "highest"] = "default"
   debug_nonfinite_step: int = -1
+  debug_nonfinite_count: int = 1
+  debug_step_delay: float = 0.0
 
   def _validate(self, prefix: str) -> None:
     p = lambda name: _join(prefix, name)  # noqa: E731
-    for name in ("steps", "log_every", "max_nonfinite_steps"):
+    for name in ("steps", "log_every", "max_nonfinite_steps", "debug_nonfinite_count"):
       _check_positive_or_none(getattr(self, name), p(name))
     for name in ("eval_every", "eval_batches"):
       if getattr(self, name) < 0:
         _fail(f"{p(name)} must be >= 0, got {getattr(self, name)}")
     if not self.run_dir.strip():
       _fail(f"{p('run_dir')} must be a non-empty path")
-    if self.debug_nonfinite_step < -1:
-      _fail(f"{p('debug_nonfinite_step')} must be -1 (off) or a step >= 0, "
+    if self.debug_nonfinite_step < -1 or self.debug_nonfinite_step == 0:
+      _fail(f"{p('debug_nonfinite_step')} must be -1 (off) or a step >= 1, "
             f"got {self.debug_nonfinite_step}")
+    if self.debug_step_delay < 0:
+      _fail(f"{p('debug_step_delay')} must be >= 0, got {self.debug_step_delay:g}")
 
 
 @dataclasses.dataclass(frozen=True)

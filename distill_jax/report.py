@@ -202,13 +202,20 @@ def _eval_line(report: Mapping[str, Any]) -> str:
   return line + (f"; throughput measured on {device}" if device else "")
 
 
+def _nonfinite_line(report: Mapping[str, Any]) -> list[str]:
+  steps = report.get("nonfinite_steps") or []
+  if not steps:
+    return []
+  return [f"non-finite steps (updates skipped): {', '.join(str(s) for s in steps)}"]
+
+
 def format_table(report: Mapping[str, Any]) -> str:
   """The report as plain-text tables for the terminal."""
   return "\n".join([
       _title(report), "",
       _text_table(METRIC_HEADER, _metric_rows(report)), "",
       _text_table(EFFICIENCY_HEADER, _efficiency_rows(report)), "",
-      _eval_line(report),
+      _eval_line(report), *_nonfinite_line(report),
   ])
 
 
@@ -220,7 +227,7 @@ def format_markdown(report: Mapping[str, Any]) -> str:
       _markdown_table(METRIC_HEADER, _metric_rows(report)), "",
       "## Size and speed", "",
       _markdown_table(EFFICIENCY_HEADER, _efficiency_rows(report)), "",
-      _eval_line(report), "",
+      _eval_line(report), "", *(line + "\n" for line in _nonfinite_line(report)),
   ])
 
 
