@@ -1011,27 +1011,29 @@ student:
   num_layers: 3
 objective:
   terms:
+    # Weights balance the terms' scales: similarity-preserving values are per-example
+    # shares of a Frobenius norm over b² (~1e-3), MiniLM's KLs are ~0.5 per row.
     - {loss: pooled_mse, weight: 1.0, pooling: mean}
-    - {loss: similarity_preserving, weight: 1.0, pooling: mean}
-    - {loss: attention_kl, weight: 1.0, layers: last}
-    - {loss: value_relation, weight: 1.0, layers: last}
+    - {loss: similarity_preserving, weight: 100.0, pooling: mean}
+    - {loss: attention_kl, weight: 0.1, layers: last}
+    - {loss: value_relation, weight: 0.1, layers: last}
 data:
   source: pydoc
   max_length: 64
-  global_batch_size: 32
+  global_batch_size: 16
 optimizer:
   name: adamw
-  learning_rate: 3.0e-4
+  learning_rate: 5.0e-4
   schedule: cosine
   warmup_steps: 20
 train:
-  steps: 200
+  steps: 100
   seed: 0
   run_dir: runs/default
   log_every: 10
-  eval_every: 100
+  eval_every: 50
 checkpoint:
-  every: 100
+  every: 50
 eval:
   before_and_after: true
 export:
