@@ -215,7 +215,7 @@ BAD = [
     (["distributed.coordinator=127.0.0.1:1234", "distributed.num_processes=2"],
      r"distributed\.process_id is required when distributed\.coordinator is set"),
     (["distributed.num_processes=2", "distributed.process_id=2"], r"distributed\.process_id must be in \[0, 2\), got 2"),
-    (["distributed.num_processes=3"], r"data\.global_batch_size \(32\) must be divisible by distributed\.num_processes \(3\)"),
+    (["distributed.num_processes=3"], r"data\.global_batch_size \(16\) must be divisible by distributed\.num_processes \(3\)"),
     (["data.validation_fraction=1.5"], r"data\.validation_fraction must be in \(0, 1\), got 1\.5"),
     (["optimizer.learning_rate=0"], r"optimizer\.learning_rate must be > 0, got 0"),
     (["optimizer.clip_norm=-1"], r"optimizer\.clip_norm must be > 0 or null"),
