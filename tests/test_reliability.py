@@ -1,0 +1,361 @@
+"""Fault tests through the real `distill-jax` CLI in subprocesses: exact resume after
+SIGTERM and SIGKILL (also mid-save), non-finite steps, a full disk at save time, corrupted
+checkpoints with fallback, and run-to-run determinism.
+
+Every run here is the same tiny distillation (a 1-layer GPT-2 student of a 2-layer tiny
+GPT-2 teacher, 8 steps of batch 8 x 16 tokens on 2 forced CPU devices); one uninterrupted
+run is the reference that interrupted-and-resumed runs must equal bit for bit.  Compiled
+programs are shared between the subprocesses through a persistent JAX cache to keep the
+suite short on a small CPU machine.
+
+The helpers (`cli_env`, `train_args`, `run_cli`, ...) are shared with the other
+``test_reliability_*`` and ``test_e2e`` modules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+STEPS = 8
+SAVE_EVERY = 2
+DEVICES = 2
+TIMEOUT = 300
+
+# --------------------------------------------------------------------------- helpers
+
+
+def cli_env(cache_dir: os.PathLike | str, devices: int = DEVICES) -> dict[str, str]:
+  """The environment of a CLI subprocess: forced CPU devices, offline, shared compile cache."""
+  env = dict(os.environ)
+  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+             HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+             JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONUNBUFFERED="1")
+  return env
+
+
+def cli_command(*args: str) -> list[str]:
+  """`distill-jax ARGS` with this interpreter (the console script of the editable install)."""
+  return [sys.executable, "-m", "distill_jax.cli", *args]
+
+
+def train_args(teacher: os.PathLike | str, run_dir: os.PathLike | str, *extra: str) -> list[str]:
+  """`train` overrides of the tiny reference run; ``extra`` overrides come last."""
+  return [
+      "train",
+      f"teachers.teacher.path={teacher}", "teachers.teacher.task=causal_lm",
+      "student.init=from_teacher", "student.num_layers=1",
+      "objective.terms=[{loss: forward_kl, temperature: 2.0}]",
+      "data.max_length=16", "data.global_batch_size=8", "data.max_examples=96",
+      "optimizer.learning_rate=0.01", "optimizer.warmup_steps=0",
+      f"train.steps={STEPS}", "train.log_every=1", "train.eval_batches=1",
+      f"train.run_dir={run_dir}", f"checkpoint.every={SAVE_EVERY}", "checkpoint.keep_last=3",
+      "logging.progress_bar=false", "eval.throughput_batches=0",
+      *extra,
+  ]
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+  return subprocess.run(cli_command(*args), env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def start_cli(args: list[str], env: dict[str, str], log: pathlib.Path) -> subprocess.Popen:
+  out = open(log, "w")  # pylint: disable=consider-using-with
+  return subprocess.Popen(cli_command(*args), env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+  assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+  return proc
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+  """The one-line error of a failed CLI run (asserts: non-zero exit, one line, no traceback)."""
+  assert proc.returncode != 0, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("distill-jax: error:")]
+  assert len(errors) == 1, proc.stderr[-3000:]
+  return errors[0]
+
+
+def rows(run_dir: os.PathLike | str) -> list[dict]:
+  path = pathlib.Path(run_dir) / "metrics.jsonl"
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def loss_history(run_dir: os.PathLike | str) -> list[tuple[int, float, float, float]]:
+  """(step, loss, grad_norm, nonfinite) of every training row: everything but the timing."""
+  return [(r["step"], r["train/loss"], r["train/grad_norm"], r["train/nonfinite"])
+          for r in rows(run_dir) if "train/loss" in r]
+
+
+def last_train_step(run_dir: os.PathLike | str) -> int:
+  try:
+    hist = loss_history(run_dir)
+  except (FileNotFoundError, json.JSONDecodeError, KeyError):
+    return 0
+  return hist[-1][0] if hist else 0
+
+
+def exported_params(student_dir: os.PathLike | str) -> dict[str, np.ndarray]:
+  from safetensors.numpy import load_file
+
+  return load_file(str(pathlib.Path(student_dir) / "model.safetensors"))
+
+
+def checkpoint_state(run_dir: os.PathLike | str, step: int) -> dict[str, np.ndarray]:
+  """The saved TrainState of ``step`` (params, optimizer state, step, rng) as flat numpy arrays."""
+  import orbax.checkpoint as ocp
+
+  path = pathlib.Path(run_dir, "checkpoints", str(step), "state").absolute()
+  with ocp.StandardCheckpointer() as ckptr:
+    meta = ckptr.metadata(path)
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+    import jax
+
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), tree)
+    state = ckptr.restore(path, abstract)
+  import jax
+
+  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(state)}
+
+
+def assert_same_params(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+  assert sorted(a) == sorted(b)
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = TIMEOUT, interval: float = 0.02) -> bool:
+  """Polls ``predicate`` until true; False if ``proc`` exits first."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if predicate():
+      return True
+    if proc.poll() is not None:
+      return bool(predicate())
+    time.sleep(interval)
+  raise TimeoutError("condition not reached")
+
+
+def finish(proc: subprocess.Popen, log: pathlib.Path, timeout: float = TIMEOUT) -> str:
+  try:
+    proc.wait(timeout=timeout)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  return log.read_text()
+
+
+# --------------------------------------------------------------------------- fixtures
+# Other modules import these fixtures; `_once` makes each session-scoped value exist once
+# even though pytest registers an imported fixture once per module.
+
+_ONCE: dict[str, object] = {}
+
+
+def _once(key: str, make):
+  if key not in _ONCE:
+    _ONCE[key] = make()
+  return _ONCE[key]
+
+
+@pytest.fixture(scope="session")
+def jax_cache(tmp_path_factory) -> pathlib.Path:
+  return _once("jax_cache", lambda: tmp_path_factory.mktemp("jax_cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> pathlib.Path:
+  import tiny
+
+  return _once("gpt2", lambda: tiny.make_checkpoint(tmp_path_factory.mktemp("models") / "gpt2", "gpt2",
+                                                    "causal_lm"))
+
+
+def _reference_run(tmp_path_factory, teacher: pathlib.Path, cache: pathlib.Path) -> pathlib.Path:
+  run_dir = tmp_path_factory.mktemp("reference") / "run"
+  ok(run_cli(train_args(teacher, run_dir), cli_env(cache)))
+  return run_dir
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, tiny_gpt2, jax_cache) -> pathlib.Path:
+  """One uninterrupted run of the tiny config (before/after eval, export): the run directory."""
+  return _once("reference", lambda: _reference_run(tmp_path_factory, tiny_gpt2, jax_cache))
+
+
+@pytest.fixture()
+def env(jax_cache) -> dict[str, str]:
+  return cli_env(jax_cache)
+
+
+def assert_equals_reference(run_dir: pathlib.Path, reference: pathlib.Path) -> None:
+  assert loss_history(run_dir) == loss_history(reference)
+  assert_same_params(exported_params(run_dir / "student"), exported_params(reference / "student"))
+  assert_same_params(checkpoint_state(run_dir, STEPS), checkpoint_state(reference, STEPS))
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_and_resume_is_exact(tmp_path, tiny_gpt2, reference, env):
+  """Stop half-way with SIGTERM (exit 0, checkpoint of that step), rerun the same command."""
+  run_dir = tmp_path / "run"
+  args = train_args(tiny_gpt2, run_dir, "train.debug_step_delay=0.5")
+  log = tmp_path / "log1"
+  proc = start_cli(args, env, log)
+  assert wait_for(lambda: last_train_step(run_dir) >= STEPS // 2 - 1, proc)
+  proc.send_signal(signal.SIGTERM)
+  out = finish(proc, log)
+  assert proc.returncode == 0, out[-3000:]
+  stopped = last_train_step(run_dir)
+  assert 0 < stopped < STEPS, out[-3000:]
+  assert f"preempted: saved the checkpoint of step {stopped}" in out
+  assert (run_dir / "checkpoints" / str(stopped)).is_dir()
+  assert not (run_dir / "student").exists()  # no export of a preempted run
+
+  second = ok(run_cli(args, env))
+  assert f"resumed from the checkpoint of step {stopped}" in second.stderr
+  assert_equals_reference(run_dir, reference)
+
+
+def _kill_when(tmp_path, tiny_gpt2, env, predicate_for, delay: float) -> pathlib.Path:
+  run_dir = tmp_path / "run"
+  args = train_args(tiny_gpt2, run_dir, "train.debug_step_delay=0.25")
+  log = tmp_path / "log1"
+  proc = start_cli(args, env, log)
+  reached = wait_for(predicate_for(run_dir), proc)
+  time.sleep(delay)
+  proc.send_signal(signal.SIGKILL)
+  out = finish(proc, log)
+  assert reached and proc.returncode == -signal.SIGKILL, out[-3000:]
+  resumed = ok(run_cli(args, env))
+  return run_dir, resumed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sigkill_at_a_random_moment_then_resume_is_exact(tmp_path, tiny_gpt2, reference, env, seed):
+  delay = random.Random(seed).uniform(0.0, STEPS * 0.25 * 0.8)
+  run_dir, _ = _kill_when(tmp_path, tiny_gpt2, env, lambda d: lambda: last_train_step(d) >= 1, delay)
+  assert_equals_reference(run_dir, reference)
+
+
+@pytest.mark.slow
+def test_sigkill_during_an_async_save_then_resume_is_exact(tmp_path, tiny_gpt2, reference, env):
+  def saving(run_dir):
+    ckpts = run_dir / "checkpoints"
+    return lambda: ckpts.is_dir() and any("tmp" in p.name for p in ckpts.iterdir())
+
+  run_dir, resumed = _kill_when(tmp_path, tiny_gpt2, env, saving, 0.0)
+  assert_equals_reference(run_dir, reference)
+
+
+@pytest.mark.slow
+def test_same_seed_is_bit_identical_and_another_seed_differs(tmp_path, tiny_gpt2, reference, env):
+  same, other = tmp_path / "same", tmp_path / "other"
+  ok(run_cli(train_args(tiny_gpt2, same), env))
+  assert_equals_reference(same, reference)
+  ok(run_cli(train_args(tiny_gpt2, other, "train.seed=1"), env))
+  assert loss_history(other) != loss_history(reference)
+  a, b = exported_params(other / "student"), exported_params(reference / "student")
+  assert any(not np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_nonfinite_step_is_skipped_counted_and_reported(tmp_path, tiny_gpt2, env):
+  run_dir = tmp_path / "run"
+  proc = ok(run_cli(train_args(tiny_gpt2, run_dir, "train.debug_nonfinite_step=3"), env))
+  assert "step 3: non-finite loss or gradient; the update was skipped" in proc.stderr
+  flags = {step: nonfinite for step, _, _, nonfinite in loss_history(run_dir)}
+  assert flags == {s: float(s == 3) for s in range(1, STEPS + 1)}
+  report = json.loads((run_dir / "report.json").read_text())
+  assert report["nonfinite_steps"] == [3]
+  assert "non-finite steps (updates skipped): 3" in (run_dir / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_consecutive_nonfinite_steps_stop_the_run_naming_the_step(tmp_path, tiny_gpt2, reference, env):
+  run_dir = tmp_path / "run"
+  nan = ["train.debug_nonfinite_step=5", "train.debug_nonfinite_count=3", "train.max_nonfinite_steps=2"]
+  line = error_line(run_cli(train_args(tiny_gpt2, run_dir, *nan), env))
+  assert "train.max_nonfinite_steps=2" in line and "steps 5..6" in line and "checkpoint is step 4" in line, line
+  assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()) == [2, 4]
+  assert [s for s, _, _, bad in loss_history(run_dir) if bad] == [5, 6]
+  # The last good checkpoint is intact: resuming from it without the fault reproduces the reference.
+  ok(run_cli(train_args(tiny_gpt2, run_dir), env))
+  assert_equals_reference(run_dir, reference)
+
+
+_DISK_FULL = """
+import errno, sys
+import orbax.checkpoint as ocp
+from distill_jax import cli
+
+real_save = ocp.CheckpointManager.save
+def save(self, step, *args, **kwargs):
+  if step == {step}:
+    raise OSError(errno.ENOSPC, "No space left on device", str(self.directory))
+  return real_save(self, step, *args, **kwargs)
+ocp.CheckpointManager.save = save
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_disk_full_at_save_time_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, tiny_gpt2,
+                                                                                   reference, env):
+  run_dir = tmp_path / "run"
+  args = train_args(tiny_gpt2, run_dir)
+  proc = subprocess.run([sys.executable, "-c", _DISK_FULL.format(step=4), *args], env=env, capture_output=True,
+                        text=True, timeout=TIMEOUT)
+  line = error_line(proc)
+  assert "cannot write checkpoint step 4" in line and "No space left on device" in line, line
+  assert "earlier checkpoints" in line and "intact" in line
+  assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()) == [2]
+  resumed = ok(run_cli(args, env))
+  assert "resumed from the checkpoint of step 2" in resumed.stderr
+  assert_equals_reference(run_dir, reference)
+
+
+def _garble_latest(run_dir: pathlib.Path, step: int) -> pathlib.Path:
+  """Flips bytes in the middle of the largest array file of ``step``; returns the step directory."""
+  step_dir = run_dir / "checkpoints" / str(step)
+  files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
+  target = max(files, key=lambda p: p.stat().st_size)
+  data = bytearray(target.read_bytes())
+  middle = len(data) // 2
+  data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+  target.write_bytes(bytes(data))
+  return step_dir
+
+
+@pytest.mark.slow
+def test_corrupted_checkpoint_is_named_and_fallback_resumes_from_the_previous_step(tmp_path, tiny_gpt2, reference,
+                                                                                    env):
+  run_dir = tmp_path / "run"
+  shutil.copytree(reference, run_dir)
+  shutil.rmtree(run_dir / "student")
+  step_dir = _garble_latest(run_dir, STEPS)
+  line = error_line(run_cli(train_args(tiny_gpt2, run_dir), env))
+  assert f"checkpoint {step_dir.absolute()} is corrupted" in line or f"checkpoint {step_dir} is corrupted" in line, line
+
+  proc = ok(run_cli(train_args(tiny_gpt2, run_dir, "checkpoint.fallback=true"), env))
+  assert f"resumed from the checkpoint of step {STEPS - SAVE_EVERY}" in proc.stderr
+  assert list((run_dir / "checkpoints_corrupted").iterdir())  # set aside, not deleted
+  assert_equals_reference(run_dir, reference)
