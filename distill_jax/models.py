@@ -359,7 +359,8 @@ def init_student(teacher: Model, num_layers: Optional[int] = None, *, layers: Op
   params = {}
   for key, fresh in s_flat.items():
     value = copied.get(key)
-    params[key] = jnp.asarray(value, jnp.float32) if value is not None and value.shape == fresh.shape else fresh
+    # A copy, never a view of the teacher's buffer: the student's state is donated to the step.
+    params[key] = jnp.array(value, jnp.float32, copy=True) if value is not None and value.shape == fresh.shape else fresh
   return dataclasses.replace(student, params=unflatten_dict(params))
 
 

@@ -119,3 +119,14 @@ def test_check_vocab(checkpoint, caplog):
   with caplog.at_level(logging.INFO, logger="distill_jax.models"):
     assert dm.check_vocab(padded, gpt2) == len(gpt2.tokenizer)
   assert "sliced" in caplog.text
+
+
+def test_student_params_do_not_share_buffers_with_the_teacher(tmp_path):
+  """A student's state is donated to the jitted step; a shared buffer would kill the teacher's."""
+  teacher = dm.load_model(tiny.make_checkpoint(tmp_path / "t", "bert", "encoder", num_hidden_layers=2), "encoder")
+  student = dm.init_student(teacher, num_layers=2)
+  t_ptrs = {x.unsafe_buffer_pointer() for x in jax.tree.leaves(teacher.params) if isinstance(x, jax.Array)}
+  s_ptrs = {x.unsafe_buffer_pointer() for x in jax.tree.leaves(student.params) if isinstance(x, jax.Array)}
+  assert not t_ptrs & s_ptrs
+  jax.jit(lambda p: jax.tree.map(lambda x: x + 1, p), donate_argnums=0)(student.params)
+  jax.block_until_ready(jax.tree.leaves(teacher.params))  # the teacher's buffers are alive
