@@ -111,7 +111,8 @@ def train_step(state: TrainState, teacher_params: Mapping[str, Any], batch: Batc
   keep = lambda new, old: jnp.where(finite, new, old)
   new_state = state.replace(step=state.step + 1, params=jax.tree.map(keep, params, state.params),
                             opt_state=jax.tree.map(keep, opt_state, state.opt_state))
-  metrics = dict(metrics, loss=loss, grad_norm=grad_norm, nonfinite=(~finite).astype(jnp.int32))
+  metrics = dict(_reduce_metrics(metrics, axis_name), loss=loss, grad_norm=grad_norm,
+                 nonfinite=(~finite).astype(jnp.int32))
   return new_state, metrics
 
 
@@ -128,7 +129,7 @@ def eval_step(state: TrainState, teacher_params: Mapping[str, Any], batch: Batch
                             axis_name=axis_name)
   if axis_name is not None:
     loss = lax.psum(loss, axis_name)
-  return dict(metrics, loss=loss, nonfinite=(~jnp.isfinite(loss)).astype(jnp.int32))
+  return dict(_reduce_metrics(metrics, axis_name), loss=loss, nonfinite=(~jnp.isfinite(loss)).astype(jnp.int32))
 
 
 def _leading_size(batch: Batch) -> int:
