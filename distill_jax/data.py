@@ -278,8 +278,9 @@ def assemble(examples: Examples, indices: Sequence[int], length: int) -> dict[st
     for key, flat in examples.tokens.items():
       out[key][row, :n] = flat[start:start + n]
   if "loss_mask" not in out:
-    special = np.isin(out["input_ids"], examples.special_ids) if examples.task == "masked_lm" else False
-    out["loss_mask"] = out["attention_mask"] * ~special
+    special = (np.isin(out["input_ids"], examples.special_ids) if examples.task == "masked_lm"
+               else np.zeros(out["input_ids"].shape, bool))
+    out["loss_mask"] = (out["attention_mask"] * np.logical_not(special)).astype(np.int32)
   if examples.labels is not None:
     idx = np.asarray(indices)
     out["labels"] = np.where(idx >= 0, examples.labels[np.maximum(idx, 0)], 0).astype(np.int32)
@@ -309,11 +310,11 @@ def _host_split(global_batch_size: int, process_index: Optional[int], process_co
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   if global_batch_size < 1:
-    raise ValueError(f"global_batch_size: must be positive, got {global_batch_size}")
+    raise ValueError(f"data.global_batch_size: must be positive, got {global_batch_size}")
   if global_batch_size % process_count:
-    raise ValueError(f"global_batch_size: {global_batch_size} is not divisible by process_count={process_count}")
+    raise ValueError(f"data.global_batch_size: {global_batch_size} is not divisible by process_count={process_count}")
   if num_devices and global_batch_size % num_devices:
-    raise ValueError(f"global_batch_size: {global_batch_size} is not divisible by the {num_devices} devices")
+    raise ValueError(f"data.global_batch_size: {global_batch_size} is not divisible by the {num_devices} devices")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index: {process_index} not in [0, {process_count})")
   return process_index, process_count, global_batch_size // process_count
@@ -350,7 +351,7 @@ def _pipeline(examples: Examples, *, global_batch_size: int, seed: Optional[int]
   p, _, per_host = _host_split(global_batch_size, process_index, process_count, num_devices)
   make = _Batches(examples, global_batch_size, seed, drop_remainder, p, per_host)
   if make.steps_per_epoch == 0:
-    raise ValueError(f"global_batch_size: {len(examples)} examples make no full batch of {global_batch_size}"
+    raise ValueError(f"data.global_batch_size: {len(examples)} examples make no full batch of {global_batch_size}"
                      f" (per length bucket)")
   ds = grain.MapDataset.range(make.steps_per_epoch).repeat(num_epochs).map_with_index(make)
   read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)

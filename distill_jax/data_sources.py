@@ -129,11 +129,11 @@ def _load_local(path: str, data_format: Optional[str], cache_dir: Optional[str])
     files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
                    if os.path.isfile(f) and (data_format or os.path.splitext(f)[1].lower() in FORMATS))
     if not files:
-      raise ValueError(f"data.path: no data files ({', '.join(sorted(FORMATS))}) under {path!r}")
+      raise ValueError(f"data.source: no data files ({', '.join(sorted(FORMATS))}) under {path!r}")
   else:
     files = sorted(glob.glob(path)) if any(c in path for c in "*?") else [path]
     if not files or not all(os.path.isfile(f) for f in files):
-      raise ValueError(f"data.path: no such file {path!r}")
+      raise ValueError(f"data.source: no such file {path!r}")
   if data_format is None:
     kinds = {FORMATS.get(os.path.splitext(f)[1].lower()) for f in files}
     if None in kinds:
@@ -143,16 +143,19 @@ def _load_local(path: str, data_format: Optional[str], cache_dir: Optional[str])
     if len(kinds) > 1:
       raise ValueError(f"data.format: mixed formats {sorted(kinds)} under {path!r}; use one")
     data_format = kinds.pop()
+  # The config's finer names map onto `datasets`' builders (jsonl is json lines, tsv a tab CSV).
+  tab_separated = data_format == "tsv" or all(f.endswith(".tsv") for f in files)
+  data_format = {"jsonl": "json", "tsv": "csv"}.get(data_format, data_format)
   if data_format not in _BUILDERS:
-    raise ValueError(f"data.format: unknown {data_format!r}; allowed: {', '.join(_BUILDERS)}")
+    raise ValueError(f"data.format: unknown {data_format!r}; allowed: {', '.join(_BUILDERS + ('jsonl', 'tsv'))}")
   if all(os.path.getsize(f) == 0 for f in files):
-    raise ValueError(f"data.path: {path!r} is empty (no examples)")
-  kwargs = {"delimiter": "\t"} if data_format == "csv" and all(f.endswith(".tsv") for f in files) else {}
+    raise ValueError(f"data.source: {path!r} is empty (no examples)")
+  kwargs = {"delimiter": "\t"} if data_format == "csv" and tab_separated else {}
   try:
     return datasets.load_dataset(data_format, data_files={"train": files}, cache_dir=cache_dir, **kwargs)
   except Exception as e:  # noqa: BLE001 — parse errors surface as many types.
     cause = str(e.__cause__ or e).splitlines()[0] if str(e.__cause__ or e) else type(e).__name__
-    raise ValueError(f"data.path: cannot read {path!r} as {data_format}: {cause}") from e
+    raise ValueError(f"data.source: cannot read {path!r} as {data_format}: {cause}") from e
 
 
 def _load_hub(name_or_id: str, config_name: Optional[str], cache_dir: Optional[str]) -> datasets.DatasetDict:

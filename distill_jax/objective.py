@@ -259,7 +259,7 @@ def _validate_one(i: int, raw: Mapping[str, Any]) -> Term:
   if "beta" in raw:
     kw["beta"] = _number(i, "beta", raw["beta"], low=0.0, high=1.0)
   if "skew" in raw:
-    kw["skew"] = _number(i, "skew", raw["skew"], low=0.0, high=1.0)
+    kw["skew"] = _number(i, "skew", raw["skew"], low=0.0, high=1.0, high_open=True)  # skew=1 makes it 0
   if "label_smoothing" in raw:
     kw["label_smoothing"] = _number(i, "label_smoothing", raw["label_smoothing"], low=0.0, high=1.0,
                                     high_open=True)

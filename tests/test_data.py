@@ -87,6 +87,7 @@ def test_batch_keys(mlm, texts, bert):
   b = next(data.train_batches(ex, global_batch_size=4, process_index=0, process_count=1))
   assert b["labels"].shape == (4,) and b["labels"].dtype == np.int32
   assert (b["token_type_ids"] == 1).any()  # the second segment of the pair
+  assert b["loss_mask"].dtype == np.int32 and np.array_equal(b["loss_mask"], b["attention_mask"])  # 0/1, not -1
 
 
 def test_mask_tokens_statistics_and_determinism():
@@ -169,11 +170,11 @@ def test_eval_covers_each_example_once(mlm, process_count):
 
 
 def test_batch_errors(mlm, texts, bert):
-  with pytest.raises(ValueError, match=r"^global_batch_size: 6 is not divisible by process_count=4$"):
+  with pytest.raises(ValueError, match=r"^data\.global_batch_size: 6 is not divisible by process_count=4$"):
     data.train_batches(mlm, global_batch_size=6, process_index=0, process_count=4)
-  with pytest.raises(ValueError, match=r"^global_batch_size: .* devices$"):
+  with pytest.raises(ValueError, match=r"^data\.global_batch_size: .* devices$"):
     data.train_batches(mlm, global_batch_size=12, process_index=0, process_count=1, num_devices=8)
-  with pytest.raises(ValueError, match=r"^global_batch_size: .* no full batch"):
+  with pytest.raises(ValueError, match=r"^data\.global_batch_size: .* no full batch"):
     data.train_batches(mlm, global_batch_size=4096, process_index=0, process_count=1)
   with pytest.raises(ValueError, match=r"^task: unknown 'seq2seq'"):
     data.tokenize(texts, bert, task="seq2seq", max_length=64)

@@ -39,6 +39,15 @@ def test_local_formats(tmp_path, fmt):
     assert ds["label"] == ["pos", "neg", "pos"]
 
 
+def test_config_format_names_jsonl_and_tsv(tmp_path):
+  """`data.format` accepts the config's jsonl/tsv names for files whose suffix says otherwise."""
+  path = _write(tmp_path / "d.data", "jsonl")
+  assert data.load_texts(str(path), data_format="jsonl", cache_dir=str(tmp_path / "c"))["text"][0] == "the first example"
+  (tmp_path / "t.data").write_text("text\tlabel\n" + "".join(f"{r['text']}\t{r['label']}\n" for r in ROWS))
+  ds = data.load_texts(str(tmp_path / "t.data"), data_format="tsv", label_column="label", cache_dir=str(tmp_path / "c"))
+  assert ds["label"] == ["pos", "neg", "pos"]
+
+
 def test_directory_and_pairs(tmp_path):
   d = tmp_path / "dir"
   (d / "sub").mkdir(parents=True)
@@ -69,8 +78,8 @@ def test_pydoc_offline_stable_disjoint():
 
 
 @pytest.mark.parametrize("make, field", [
-    (lambda p: data.load_texts(str(p / "missing.jsonl")), "data.path"),
-    (lambda p: data.load_texts(str(p / "nodir") + "/"), "data.path"),
+    (lambda p: data.load_texts(str(p / "missing.jsonl")), "data.source"),
+    (lambda p: data.load_texts(str(p / "nodir") + "/"), "data.source"),
     (lambda p: data.load_texts(str(_write(p / "d.xml", "txt"))), "data.format"),
     (lambda p: data.load_texts(str(_write(p / "d.txt", "txt")), data_format="xml"), "data.format"),
     (lambda p: data.load_texts(str(_write(p / "d.jsonl", "jsonl")), text_columns=("body",)), "data.text_columns"),
