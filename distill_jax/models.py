@@ -308,7 +308,8 @@ def _layer_container(params_flat: dict) -> dict[int, list[tuple[str, ...]]]:
 
 
 def init_student(teacher: Model, num_layers: Optional[int] = None, *, layers: Optional[Sequence[int]] = None,
-                 hidden_size: Optional[int] = None, seed: int = 0, **config_overrides) -> Model:
+                 hidden_size: Optional[int] = None, seed: int = 0, dtype: Any = "float32",
+                 **config_overrides) -> Model:
   """A smaller student of the teacher's family and task (DistilBERT-style when widths match).
 
   Args:
@@ -317,6 +318,8 @@ def init_student(teacher: Model, num_layers: Optional[int] = None, *, layers: Op
     layers: explicit 0-based teacher layers to copy, e.g. `[0, 2, 4, 7, 9, 11]`.
     hidden_size: a different width: fresh init with the modified config (nothing copied).
     seed: PRNG seed of the fresh init.
+    dtype: the student's computation dtype (its params are float32 master weights whatever
+      the teacher's dtypes).
     **config_overrides: more HF config fields for the student.
 
   Returns:
@@ -339,7 +342,7 @@ def init_student(teacher: Model, num_layers: Optional[int] = None, *, layers: Op
   if hidden_size is not None:
     config_overrides["hidden_size"] = int(hidden_size)
   config = hf.student_config(teacher.hf_config, layers, **config_overrides)
-  student = model_from_config(config, teacher.task, tokenizer=teacher.tokenizer, seed=seed, dtype=teacher.dtype)
+  student = model_from_config(config, teacher.task, tokenizer=teacher.tokenizer, seed=seed, dtype=dtype)
   if hidden_size is not None and int(hidden_size) != teacher.hidden_size:
     return student
   t_flat = flatten_dict(teacher.params)

@@ -130,3 +130,14 @@ def test_student_params_do_not_share_buffers_with_the_teacher(tmp_path):
   assert not t_ptrs & s_ptrs
   jax.jit(lambda p: jax.tree.map(lambda x: x + 1, p), donate_argnums=0)(student.params)
   jax.block_until_ready(jax.tree.leaves(teacher.params))  # the teacher's buffers are alive
+
+
+def test_student_computes_in_its_own_dtype_with_f32_master_weights(tmp_path):
+  teacher = dm.load_model(tiny.make_checkpoint(tmp_path / "t", "bert", "encoder", num_hidden_layers=2), "encoder",
+                          dtype="bfloat16", param_dtype="bfloat16")
+  student = dm.init_student(teacher, num_layers=1)
+  assert student.dtype in ("float32", np.float32) or np.dtype(student.dtype) == np.float32
+  assert {np.asarray(x).dtype for x in jax.tree.leaves(student.params)} == {np.dtype(np.float32)}
+  half = dm.init_student(teacher, num_layers=1, dtype="bfloat16")
+  batch = {"input_ids": np.array([[2, 7, 9, 3]]), "attention_mask": np.ones((1, 4), np.int32)}
+  assert half.apply(half.params, batch, outputs=("hidden_states",)).hidden_states[-1].dtype == jax.numpy.bfloat16
