@@ -591,6 +591,9 @@ class DistributedConfig(_Section):
       ``coordinator``).
     initialize: call ``jax.distributed.initialize()`` even without a coordinator, letting
       JAX detect the cluster (TPU pod slices, SLURM).
+    heartbeat_timeout_s: seconds without a heartbeat after which a process counts as
+      dead and the others stop with an error instead of waiting forever.
+    initialization_timeout_s: seconds to wait for every process to join.
   """
 
   _SECTION = "distributed"
@@ -599,6 +602,8 @@ class DistributedConfig(_Section):
   num_processes: Optional[int] = None
   process_id: Optional[int] = None
   initialize: bool = False
+  heartbeat_timeout_s: int = 100
+  initialization_timeout_s: int = 300
 
   @property
   def enabled(self) -> bool:
@@ -614,6 +619,8 @@ class DistributedConfig(_Section):
         if getattr(self, name) is None:
           _fail(f"{p(name)} is required when {p('coordinator')} is set")
     _check_positive_or_none(self.num_processes, p("num_processes"))
+    for name in ("heartbeat_timeout_s", "initialization_timeout_s"):
+      _check_positive_or_none(getattr(self, name), p(name))
     if self.process_id is not None:
       limit = self.num_processes
       if self.process_id < 0 or (limit is not None and self.process_id >= limit):

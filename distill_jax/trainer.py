@@ -127,7 +127,7 @@ def _build_student(cfg: config_lib.Config, teachers: Mapping[str, Any]) -> Any:
     if s.num_labels is not None:
       overrides["num_labels"] = s.num_labels
     student = models.init_student(teacher, s.num_layers, layers=s.layers or None, hidden_size=s.hidden_size,
-                                  seed=seed, **overrides)
+                                  seed=seed, dtype=s.dtype, **overrides)
   else:  # "config": a fresh init of the teacher's config with overrides
     overrides = dict(s.config)
     if s.num_layers is not None:
@@ -136,8 +136,6 @@ def _build_student(cfg: config_lib.Config, teachers: Mapping[str, Any]) -> Any:
       overrides.setdefault("hidden_size", s.hidden_size)
     student = models.model_from_config(teacher.hf_config.to_dict(), s.task or teacher.task,
                                        tokenizer=teacher.tokenizer, seed=seed, dtype=s.dtype, **overrides)
-  if s.dtype != "float32" and student.dtype != s.dtype:
-    student = dataclasses.replace(student, module=student.module.clone(dtype=jnp.dtype(s.dtype)), dtype=s.dtype)
   return student
 
 
@@ -219,13 +217,14 @@ def _load_data(cfg: config_lib.Config, tokenizer: Any, task: str, run_dir: pathl
   return train_ex, eval_ex
 
 
-def _batch_transform(cfg: config_lib.Config, task: str, tokenizer: Any, examples: Any, vocab_size: int):
+def _batch_transform(cfg: config_lib.Config, task: str, tokenizer: Any, examples: Any, vocab_size: int,
+                     main_teacher: str):
   if task != "masked_lm":
     return None
   from distill_jax import data
 
   if tokenizer.mask_token_id is None:
-    raise ValueError("teachers.teacher.path: a masked_lm run needs a tokenizer with a mask token")
+    raise ValueError(f"teachers.{main_teacher}.path: a masked_lm run needs a tokenizer with a mask token")
   return functools.partial(data.mask_batch, mask_token_id=int(tokenizer.mask_token_id), vocab_size=int(vocab_size),
                            special_ids=tuple(int(i) for i in examples.special_ids), prob=cfg.data.mlm_probability)
 
@@ -251,7 +250,7 @@ def build_run(cfg: config_lib.Config, run_dir: pathlib.Path) -> Run:
     shared_vocab = models.check_vocab(teachers[main], student) if student.task != "sequence_classification" else None
   tokenizer = _tokenizer(student, teachers, main)
   train_ex, eval_ex = _load_data(cfg, tokenizer, student.task, run_dir)
-  transform = _batch_transform(cfg, student.task, tokenizer, train_ex, shared_vocab or student.vocab_size)
+  transform = _batch_transform(cfg, student.task, tokenizer, train_ex, shared_vocab or student.vocab_size, main)
 
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp) if cfg.mesh.mode == "jit" else None
   devices = jax.devices() if mesh is None else list(mesh.devices.flat)
@@ -496,7 +495,9 @@ def train(cfg: config_lib.Config) -> RunResult:
   from distill_jax import data, distributed, preemption
 
   if cfg.distributed.enabled:
-    distributed.initialize(cfg.distributed.coordinator, cfg.distributed.num_processes, cfg.distributed.process_id)
+    d = cfg.distributed
+    distributed.initialize(d.coordinator, d.num_processes, d.process_id, heartbeat_timeout_s=d.heartbeat_timeout_s,
+                           initialization_timeout_s=d.initialization_timeout_s)
   run_dir, _ = _prepare_run_dir(cfg)
   _echo(config_lib.short_summary(cfg))
   t0 = time.perf_counter()
@@ -540,6 +541,8 @@ def train(cfg: config_lib.Config) -> RunResult:
   last_eval: dict[str, float] = {}
   tokens_seen, t_window = 0, time.perf_counter()
   failed = True
+  watchdog = distributed.PeerWatchdog(max(cfg.distributed.heartbeat_timeout_s / 2, 1.0),
+                                      functools.partial(_lost_peer, ckpt)).start()
   try:
     with preemption.PreemptionGuard() as guard:
       while step < cfg.train.steps:
@@ -591,6 +594,7 @@ def train(cfg: config_lib.Config) -> RunResult:
         ckpt.wait()
     failed = False
   finally:
+    watchdog.stop()
     if bar is not None:
       bar.close()
     logger.close()
@@ -607,6 +611,17 @@ def train(cfg: config_lib.Config) -> RunResult:
       report = _final_report(run, state, run_dir, before, logger.rows, export_dir)
   _echo(f"done in {time.perf_counter() - t0:.1f}s")
   return RunResult(str(run_dir), step, resumed_from, preempted, tuple(logger.rows), report, export_dir)
+
+
+def _lost_peer(ckpt: Any, message: str) -> None:
+  """Ends this process when a peer died: its main thread is stuck in a collective."""
+  try:
+    last = ckpt.latest_step()
+  except Exception:  # pylint: disable=broad-except
+    last = None
+  print(f"distill-jax: error: {message}; the last checkpoint is step {last} in {ckpt.directory}: restart every "
+        f"process with the same command to resume", file=sys.stderr, flush=True)
+  os._exit(3)  # pylint: disable=protected-access
 
 
 def _after_step(run: Run, pending: tuple, logger: _Logger, bar: Any, nonfinite_run: list[int], tokens_seen: int,
@@ -692,9 +707,6 @@ def _final_report(run: Run, state: Any, run_dir: pathlib.Path, before: Optional[
                   export_dir: Optional[str]) -> dict:
   from distill_jax import evaluate as evaluate_lib, report as report_lib
 
-  if jax.process_count() > 1:
-    _echo("report: teacher agreement is evaluated in single-process runs only (see `distill-jax eval`)")
-    return {}
   params = _student_params(run, state)
   after = _agreement(run, params)
   before = before if before is not None else _agreement(run, run.initial_student_params)
