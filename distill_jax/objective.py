@@ -512,6 +512,19 @@ class Objective:
       loss = loss + weight * total / jnp.maximum(global_count, 1.0)
     return loss, metrics
 
+  def loss_from_sums(self, sums: Mapping[str, tuple[float, float]], step: int) -> float:
+    """``Σ weight · sum / count`` from ``(sum, count)`` totals accumulated over many batches.
+
+    The exact loss of a whole evaluation set (each term a token mean over all of it),
+    unlike an average of per-batch losses, which batches of different lengths would bias.
+    """
+    total = 0.0
+    for b in self.bound:
+      s, c = sums[b.term.name]
+      weight = b.term.weight if b.term.weight_schedule is None else float(b.term.weight_schedule(jnp.asarray(step)))
+      total += weight * float(s) / max(float(c), 1.0)
+    return total
+
   def _term(self, b: _Bound, s_out, t_outs, batch, mask_BxT, proj, step, axis_name):
     term = b.term
     name = term.loss

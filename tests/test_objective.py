@@ -169,3 +169,16 @@ def test_recipe_loss_decreases(models, recipe):
   loss = np.asarray(metrics["loss"])
   assert np.all(np.isfinite(loss)) and int(metrics["nonfinite"].sum()) == 0
   assert loss[-5:].mean() < 0.9 * loss[:5].mean(), loss
+
+
+def test_loss_from_sums_matches_the_step_loss_on_one_batch(models):
+  """Summed (sum, count) totals give back the objective's loss (exact whole-set eval loss)."""
+  bert, small = models["bert"], models["bert_small"]
+  objective = objective_lib.build_objective(
+      [{"loss": "hidden_mse", "weight": 2.0, "layers": "last"}, {"loss": "pooled_mse", "weight": 0.5}],
+      student=small, teachers={"teacher": bert})
+  batch = make_batch(0, rows=3, length=6)
+  s_out = small.apply(small.params, batch, outputs=objective.outputs_for("student"))
+  t_out = bert.apply(bert.params, batch, outputs=objective.outputs_for("teacher"))
+  loss, metrics = objective(s_out, {"teacher": t_out}, batch, {}, jnp.asarray(0))
+  np.testing.assert_allclose(objective.loss_from_sums(jax.device_get(metrics), 0), float(loss), rtol=1e-6)
