@@ -392,26 +392,29 @@ class _Logger:
 
 
 def _eval_loss(run: Run, state: Any, max_batches: int) -> dict[str, float]:
-  """The objective on the validation set (no update): per-term means and ``eval/loss``."""
+  """The objective on the validation set (no update): per-term token means and ``eval/loss``.
+
+  Per-term ``(sum, count)`` totals are accumulated over the whole set and the loss is
+  formed from them once (`Objective.loss_from_sums`), so batches of different lengths
+  weigh by their tokens, exactly as one big batch would.
+  """
   from distill_jax import data
 
   it = data.eval_batches(run.eval_examples, global_batch_size=_eval_batch_size(run.config))
-  totals: dict[str, list[float]] = {}
-  loss_sum = weight_sum = 0.0
+  per_batch = []
   for i, batch in enumerate(it):
     if max_batches and i >= max_batches:
       break
-    m = jax.device_get(run.step_fn.eval(state, run.teacher_params, _place_batch(run, batch)))
-    n_real = float(np.asarray(batch["attention_mask"]).any(-1).sum())
-    for key, value in m.items():
-      if isinstance(value, (tuple, list)) and len(value) == 2:
-        acc = totals.setdefault(key, [0.0, 0.0])
-        acc[0] += _scalar(value[0])
-        acc[1] += _scalar(value[1])
-    loss_sum += _scalar(m["loss"]) * n_real
-    weight_sum += n_real
+    metrics = run.step_fn.eval(state, run.teacher_params, _place_batch(run, batch))
+    per_batch.append({k: v for k, v in metrics.items() if isinstance(v, (tuple, list))})
+  totals: dict[str, tuple[float, float]] = {}
+  for metrics in jax.device_get(per_batch):  # one transfer at the end: the loop never waits
+    for key, (s, c) in metrics.items():
+      acc = totals.get(key, (0.0, 0.0))
+      totals[key] = (acc[0] + _scalar(s), acc[1] + _scalar(c))
   out = {f"eval/{k}": (s / c if c else 0.0) for k, (s, c) in totals.items()}
-  out["eval/loss"] = loss_sum / weight_sum if weight_sum else float("nan")
+  step = int(np.asarray(_host_state(run, state).step))
+  out["eval/loss"] = run.objective.loss_from_sums(totals, step) if totals else float("nan")
   return out
 
 
@@ -466,7 +469,12 @@ def _prepare_run_dir(cfg: config_lib.Config) -> tuple[pathlib.Path, Optional[dic
       path, old, new = diff[0]
       more = f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""
       raise ValueError(f"{path}: changed from {old!r} to {new!r}{more}; the checkpoints in {run_dir} were "
-                       f"trained with the old value (use a new train.run_dir or checkpoint.resume=false)")
+                       f"trained with the old value (use a new train.run_dir)")
+  ckpt_dir = run_dir / "checkpoints"
+  if not cfg.checkpoint.resume and ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+    # A fresh run would silently keep the old run's steps (a step is never saved twice).
+    raise ValueError(f"checkpoint.resume: false, but {ckpt_dir} holds another run's checkpoints; "
+                     f"use a new train.run_dir")
   return run_dir, saved
 
 
@@ -511,6 +519,7 @@ def train(cfg: config_lib.Config) -> RunResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     config_lib.dump_yaml(cfg, str(run_dir / CONFIG_FILE))
   ckpt = _checkpointer(cfg, run_dir)
+  config_json = cfg.to_dict()
   train_it = data.train_batches(run.train_examples, global_batch_size=cfg.data.global_batch_size,
                                 seed=cfg.data.shuffle_seed if cfg.data.shuffle_seed is not None else cfg.train.seed,
                                 num_devices=jax.device_count())
@@ -567,8 +576,9 @@ def train(cfg: config_lib.Config) -> RunResult:
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
           last_eval = _eval_loss(run, state, cfg.train.eval_batches)
           logger.log(step, last_eval)
-        ckpt.maybe_save(step, _host_state(run, state), data_state=train_it.get_state(), config=cfg.to_dict(),
-                        metrics=last_eval or None)
+        if ckpt.should_save(step):  # the arguments cost host work: build them on the cadence only
+          ckpt.maybe_save(step, _host_state(run, state), data_state=train_it.get_state(), config=config_json,
+                          metrics=last_eval or None)
         # A collective on several processes: checked at the same steps everywhere, and only
         # every log_every steps there so that single-host runs alone pay it per step.
         check = jax.process_count() == 1 or step % max(cfg.train.log_every, 1) == 0
@@ -576,7 +586,7 @@ def train(cfg: config_lib.Config) -> RunResult:
           if pending is not None:
             _after_step(run, pending, logger, bar, nonfinite_run, tokens_seen, t_window, ckpt)
             pending = None
-          ckpt.maybe_save(step, _host_state(run, state), data_state=train_it.get_state(), config=cfg.to_dict(),
+          ckpt.maybe_save(step, _host_state(run, state), data_state=train_it.get_state(), config=config_json,
                           metrics=last_eval or None, force=True)
           ckpt.wait()
           preempted = True
@@ -589,7 +599,7 @@ def train(cfg: config_lib.Config) -> RunResult:
       if not preempted:
         last_eval = _eval_loss(run, state, cfg.train.eval_batches)
         logger.log(step, last_eval)
-        ckpt.maybe_save(step, _host_state(run, state), data_state=train_it.get_state(), config=cfg.to_dict(),
+        ckpt.maybe_save(step, _host_state(run, state), data_state=train_it.get_state(), config=config_json,
                         metrics=last_eval, force=True)
         ckpt.wait()
     failed = False
