@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
+from distill_jax import losses
+
 LM_TASKS = ("causal_lm", "masked_lm")
 TASKS = LM_TASKS + ("sequence_classification", "encoder")
 
@@ -79,9 +81,7 @@ def token_mask(batch: Mapping[str, jax.Array], *, require_labels: bool = False) 
 
 
 def _sum_and_count(values: jax.Array, where: jax.Array) -> tuple[jax.Array, jax.Array]:
-  where = jnp.broadcast_to(where, values.shape)
-  values = jnp.where(where, values.astype(jnp.float32), 0.0)
-  return values.sum(), where.sum().astype(jnp.float32)
+  return losses.masked_sum_and_count(values.astype(jnp.float32), where)
 
 
 def _shared(student_logits: jax.Array, teacher_logits: jax.Array,
@@ -108,10 +108,7 @@ def nll_sum_and_count(logits: jax.Array, labels: jax.Array,
   Returns:
     ``(sum, count)`` float32 scalars; ``exp(sum / count)`` is the perplexity.
   """
-  logp_xV = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  safe_labels = jnp.where(where, labels, 0).astype(jnp.int32)
-  nll = -jnp.take_along_axis(logp_xV, safe_labels[..., None], axis=-1)[..., 0]
-  return _sum_and_count(nll, where)
+  return _sum_and_count(losses.cross_entropy(logits, labels, where=where), where)
 
 
 def top1_agreement_sum_and_count(student_logits: jax.Array, teacher_logits: jax.Array,
@@ -150,10 +147,7 @@ def kl_sum_and_count(student_logits: jax.Array, teacher_logits: jax.Array,
     ``(sum, count)`` float32 scalars.
   """
   student_logits, teacher_logits = _shared(student_logits, teacher_logits, shared_vocab)
-  logp_s = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
-  logp_t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), axis=-1)
-  kl = jnp.sum(jnp.exp(logp_t) * (logp_t - logp_s), axis=-1)
-  return _sum_and_count(kl, where)
+  return _sum_and_count(losses.forward_kl(student_logits, teacher_logits, where=where), where)
 
 
 def confusion_matrix(logits_BxC: jax.Array, labels_B: jax.Array, where_B: jax.Array

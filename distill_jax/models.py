@@ -187,7 +187,7 @@ class Model:
       result["attention_probs"] = tuple(hf_out.attentions)
     if "pooled" in want:
       last_BxTxH = hf_out.last_hidden_state if self.task == "encoder" else hf_out.hidden_states[-1]
-      result["pooled"] = _pool(last_BxTxH, attention_mask, pooling)
+      result["pooled"] = pool(last_BxTxH, attention_mask, pooling)
     if capture:
       queries, keys, values = _split_projections(captured, capture, self.hidden_size)
       if "values" in want:
@@ -203,7 +203,8 @@ class Model:
     return hf.save_checkpoint(out_dir, params, self.hf_config, self.tokenizer, self.task)
 
 
-def _pool(hidden_BxTxH: jax.Array, mask_BxT: jax.Array, pooling: str) -> jax.Array:
+def pool(hidden_BxTxH: jax.Array, mask_BxT: jax.Array, pooling: str) -> jax.Array:
+  """``[B, H]`` embedding of ``[B, T, H]`` states: the mean over real tokens or the first (CLS)."""
   if pooling == "cls":
     return hidden_BxTxH[:, 0]
   mask_BxTx1 = mask_BxT[..., None].astype(hidden_BxTxH.dtype)

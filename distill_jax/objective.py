@@ -416,13 +416,6 @@ def build_objective(terms: Sequence[Mapping[str, Any] | Term], *, student, teach
 # --------------------------------------------------------------------------- the objective
 
 
-def _pool(h_BxTxH: jax.Array, mask_BxT: jax.Array, pooling: str) -> jax.Array:
-  if pooling == "cls":
-    return h_BxTxH[:, 0]
-  m = mask_BxT.astype(h_BxTxH.dtype)[..., None]
-  return jnp.sum(h_BxTxH * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
-
-
 def _project(params: Optional[Mapping[str, jax.Array]], x: jax.Array) -> jax.Array:
   if params is None:
     return x
@@ -600,7 +593,9 @@ class Objective:
       f_s = _project(proj[_pair_key(*b.pairs[0])] if proj else None, s_last[:, 0])
       values = losses.hidden_mse(f_s, t_last[:, 0], where=example_mask_B)
       return losses.masked_sum_and_count(values, example_mask_B)
-    f_s, f_t = _pool(s_last, mask_BxT, term.pooling), _pool(t_last, mask_BxT, term.pooling)
+    from distill_jax import models  # lazy, as above: config validation imports this module
+
+    f_s, f_t = models.pool(s_last, mask_BxT, term.pooling), models.pool(t_last, mask_BxT, term.pooling)
     if name in ("pooled_mse", "pooled_cosine"):
       f_s = _project(proj[_pair_key(*b.pairs[0])] if proj else None, f_s)
       fn = losses.hidden_mse if name == "pooled_mse" else losses.cosine_distance
