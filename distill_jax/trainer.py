@@ -603,6 +603,13 @@ def train(cfg: config_lib.Config) -> RunResult:
                         metrics=last_eval, force=True)
         ckpt.wait()
     failed = False
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() > 1:  # a collective failed: gloo/NCCL lost a peer (the watchdog may not have noticed yet)
+      watchdog.stop()
+      detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+      _lost_peer(ckpt, f"distributed: a collective failed after step {step}, another process probably died "
+                       f"({detail})")
+    raise
   finally:
     watchdog.stop()
     if bar is not None:
@@ -717,7 +724,7 @@ def _final_report(run: Run, state: Any, run_dir: pathlib.Path, before: Optional[
                   export_dir: Optional[str]) -> dict:
   from distill_jax import evaluate as evaluate_lib, report as report_lib
 
-  params = _student_params(run, state)
+  params = jax.device_get(_student_params(run, state))  # host arrays, like the initial params: one eval compile
   after = _agreement(run, params)
   before = before if before is not None else _agreement(run, run.initial_student_params)
   teacher = run.teachers[run.main_teacher]
