@@ -724,7 +724,7 @@ def _final_report(run: Run, state: Any, run_dir: pathlib.Path, before: Optional[
                   export_dir: Optional[str]) -> dict:
   from distill_jax import evaluate as evaluate_lib, report as report_lib
 
-  params = jax.device_get(_student_params(run, state))  # host arrays, like the initial params: one eval compile
+  params = _student_params(run, state)
   after = _agreement(run, params)
   before = before if before is not None else _agreement(run, run.initial_student_params)
   teacher = run.teachers[run.main_teacher]
