@@ -105,8 +105,22 @@ class Run:
 def _load_teacher(name: str, tc: config_lib.TeacherConfig) -> Any:
   from distill_jax import models
 
-  path = config_lib.resolve_model_path(tc.path, f"teachers.{name}.path")
-  return models.load_model(path, tc.task, dtype=tc.dtype, param_dtype=tc.param_dtype, num_labels=tc.num_labels)
+  field = f"teachers.{name}.path"
+  path = config_lib.resolve_model_path(tc.path, field)
+  with _naming(field):
+    return models.load_model(path, tc.task, dtype=tc.dtype, param_dtype=tc.param_dtype, num_labels=tc.num_labels)
+
+
+@contextlib.contextmanager
+def _naming(field: str) -> Iterator[None]:
+  """Re-raises a model-loading error as one line that starts with the config field."""
+  try:
+    yield
+  except (ValueError, OSError) as e:
+    lines = str(e).strip().splitlines()
+    msg = lines[0] if lines else type(e).__name__
+    msg = msg[len("name_or_path: "):] if msg.startswith("name_or_path: ") else msg
+    raise ValueError(msg if msg.startswith(field) else f"{field}: {msg}") from e
 
 
 def _build_student(cfg: config_lib.Config, teachers: Mapping[str, Any]) -> Any:
@@ -118,7 +132,8 @@ def _build_student(cfg: config_lib.Config, teachers: Mapping[str, Any]) -> Any:
   if s.init == "path":
     path = config_lib.resolve_model_path(s.path, "student.path")
     task = s.task or (teachers[source_name].task if source_name else "causal_lm")
-    return models.load_model(path, task, dtype=s.dtype, param_dtype="float32", num_labels=s.num_labels)
+    with _naming("student.path"):
+      return models.load_model(path, task, dtype=s.dtype, param_dtype="float32", num_labels=s.num_labels)
   if source_name is None:
     raise ValueError("student.init: self-distillation needs student.init=path (a checkpoint to start from)")
   teacher = teachers[source_name]
