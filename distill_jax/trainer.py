@@ -456,6 +456,9 @@ def _agreement(run: Run, student_params: Any) -> dict[str, float]:
   teacher = run.teachers[run.main_teacher]
   t_params = teacher.params
   max_batches = run.config.train.eval_batches or None
+  # Host arrays, as the initial params are: the undistilled and the distilled student then
+  # share one compiled eval step instead of one per input sharding.
+  student_params = jax.device_get(student_params)
   return evaluate_lib.evaluate(run.student, student_params, teacher, t_params, _agreement_batches(run),
                                max_batches=max_batches, shared_vocab=run.shared_vocab)
 
