@@ -785,6 +785,14 @@ class Config(_Section):
       if term.teacher is None and len(names) > 1 and term.loss not in _TEACHERLESS_LOSSES:
         _fail(f"{path} is required when there are several teachers ({allowed})")
 
+    ckpt = self.checkpoint
+    if ckpt.keep_best:
+      # What the trainer's evaluation logs: eval/loss and eval/<term name> (repeats get _2, _3...).
+      logged = ["eval/loss"] + [f"eval/{t.name or t.loss}" for t in self.objective.terms]
+      if ckpt.best_metric not in logged and re.sub(r"_\d+$", "", ckpt.best_metric) not in logged:
+        _fail(f"checkpoint.best_metric {ckpt.best_metric!r} is not an eval metric the trainer logs; "
+              f"allowed: {', '.join(logged)}")
+
     procs = self.distributed.num_processes
     if procs and self.data.global_batch_size % procs:
       _fail(f"data.global_batch_size ({self.data.global_batch_size}) must be divisible by "

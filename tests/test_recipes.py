@@ -160,6 +160,17 @@ def test_every_config_has_a_run_test():
   assert {os.path.basename(p) for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))} == tested
 
 
+def test_best_checkpoint_metric_must_be_logged():
+  from distill_jax.config import ConfigError
+
+  path = os.path.join(CONFIG_DIR, "bert_to_distilbert_cls.yaml")
+  assert load_config(path).checkpoint.best_metric == "eval/loss"
+  with pytest.raises(ConfigError, match=r"checkpoint\.best_metric 'eval/accuracy' is not an eval metric .*"
+                                        r"allowed: eval/loss, eval/cls_mse, eval/forward_kl"):
+    load_config(path, ["checkpoint.best_metric=eval/accuracy"])
+  assert load_config(path, ["checkpoint.best_metric=eval/cls_mse"]).checkpoint.keep_best == 1
+
+
 def test_bert_to_distilbert_cls(workdir, checkpoints, text_files):
   cfg, result = _run("bert_to_distilbert_cls.yaml", workdir, [
       f"teacher.path={checkpoints('bert_cls')}", "student.num_layers=2", f"data.source={text_files['sst']}"])
