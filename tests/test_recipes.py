@@ -35,6 +35,10 @@ CHEAP = [
     "export.enabled=false",
 ]
 
+# A student narrower than the tiny teachers (16 vs 32 wide), with the same head count.
+NARROW_STUDENT = ["student.num_layers=2", "student.hidden_size=16",
+                  "student.config={intermediate_size: 32, num_attention_heads: 4}"]
+
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -139,15 +143,20 @@ def _term_names(cfg):
   return [{**t, "name": v.name} for t, v in zip(terms, validated)]
 
 
-def _state_leaves(step_dir):
-  """``{keystr: shape}`` of the saved TrainState (from Orbax metadata, nothing restored)."""
+def _projection_kernels(result):
+  """``{keystr: shape}`` of the projection kernels in the last checkpoint's TrainState params
+  (read from Orbax metadata; nothing is restored)."""
   import jax
   import orbax.checkpoint as ocp
 
+  step_dir = os.path.join(result.run_dir, "checkpoints", str(result.step))
   meta = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "state"))
   tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
   leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
-  return {jax.tree_util.keystr(p): tuple(getattr(m, "shape", ())) for p, m in leaves}
+  assert leaves, step_dir
+  return {jax.tree_util.keystr(p): tuple(getattr(m, "shape", ())) for p, m in leaves
+          if "projections" in jax.tree_util.keystr(p) and "kernel" in jax.tree_util.keystr(p)
+          and "opt_state" not in jax.tree_util.keystr(p)}
 
 
 # --------------------------------------------------------------------------- configs
@@ -191,27 +200,22 @@ def test_distilbert_mlm(workdir, checkpoints, text_files):
 
 
 def test_tinybert_general_learns_projections(workdir, checkpoints, text_files):
-  # A narrower student (16 vs 32), same head count: hidden states need projections.
+  # Hidden states of a narrower student need learned projections.
   cfg, result = _run("tinybert_general.yaml", workdir, [
-      f"teacher.path={checkpoints('bert_mlm')}", "student.num_layers=2", "student.hidden_size=16",
-      "student.config={intermediate_size: 32, num_attention_heads: 4}", f"data.source={text_files['text']}"])
+      f"teacher.path={checkpoints('bert_mlm')}", *NARROW_STUDENT, f"data.source={text_files['text']}"])
   _check_run(cfg, result, family="bert 2")
-  leaves = _state_leaves(os.path.join(result.run_dir, "checkpoints", "2"))
-  kernels = {k: s for k, s in leaves.items() if "projections" in k and "kernel" in k and "params" in k}
+  kernels = _projection_kernels(result)
   # embeddings + 2 student layers (uniform map) -> 3 projected pairs of [16, 32].
-  assert len({k for k in kernels if "opt_state" not in k}) == 3, sorted(leaves)
-  assert all(s == (16, 32) for s in kernels.values()), kernels
+  assert len(kernels) == 3 and all(s == (16, 32) for s in kernels.values()), kernels
   # The prediction-layer KL is scheduled in linearly from 0.
   assert cfg.objective.terms[2].weight_schedule.start == 0.0
 
 
 def test_minilm(workdir, checkpoints, text_files):
   cfg, result = _run("minilm.yaml", workdir, [
-      f"teacher.path={checkpoints('bert_enc')}", "student.num_layers=2", "student.hidden_size=16",
-      "student.config={intermediate_size: 32, num_attention_heads: 4}", f"data.source={text_files['text']}"])
+      f"teacher.path={checkpoints('bert_enc')}", *NARROW_STUDENT, f"data.source={text_files['text']}"])
   _check_run(cfg, result, family="bert 2")
-  leaves = _state_leaves(os.path.join(result.run_dir, "checkpoints", "2"))
-  assert not any("projections" in k and "kernel" in k for k in leaves)  # no projection whatever the width
+  assert not _projection_kernels(result)  # attention-level terms need no projection whatever the width
   # Embeddings of different widths: the report compares their pairwise similarities.
   assert "similarity_spearman" in {m["name"] for m in result.report["metrics"]}
 
