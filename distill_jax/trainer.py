@@ -641,9 +641,10 @@ def train(cfg: config_lib.Config) -> RunResult:
 
   report = export_dir = None
   if not preempted:
-    export_dir = _export(run, state, run_dir) if cfg.export.enabled and _is_main() else None
+    params = jax.device_get(_student_params(run, state))  # a collective on several processes: all gather
+    export_dir = _export(run, params, run_dir) if cfg.export.enabled and _is_main() else None
     if _is_main():
-      report = _final_report(run, state, run_dir, before, logger.rows, export_dir)
+      report = _final_report(run, params, run_dir, before, logger.rows, export_dir)
   _echo(f"done in {time.perf_counter() - t0:.1f}s")
   return RunResult(str(run_dir), step, resumed_from, preempted, tuple(logger.rows), report, export_dir)
 
@@ -727,22 +728,20 @@ def _undistilled_eval(run: Run, run_dir: pathlib.Path) -> dict[str, float]:
   return before
 
 
-def _export(run: Run, state: Any, run_dir: pathlib.Path) -> str:
+def _export(run: Run, params: Any, run_dir: pathlib.Path) -> str:
   from distill_jax import checkpoint
 
   out = run.config.export.dir or str(run_dir / "student")
-  params = jax.device_get(_student_params(run, state))
   overwrite = run.config.export.overwrite or os.path.abspath(out) == os.path.abspath(run_dir / "student")
   checkpoint.export_student(run.student, params, out, overwrite=overwrite)
   _echo(f"exported the student to {out}")
   return out
 
 
-def _final_report(run: Run, state: Any, run_dir: pathlib.Path, before: Optional[dict], history: Sequence[dict],
+def _final_report(run: Run, params: Any, run_dir: pathlib.Path, before: Optional[dict], history: Sequence[dict],
                   export_dir: Optional[str]) -> dict:
   from distill_jax import evaluate as evaluate_lib, report as report_lib
 
-  params = _student_params(run, state)
   after = _agreement(run, params)
   before = before if before is not None else _agreement(run, run.initial_student_params)
   teacher = run.teachers[run.main_teacher]
@@ -796,7 +795,8 @@ def evaluate_run(run_dir: str, overrides: Sequence[str] = ()) -> dict:
   from distill_jax import report as report_lib
 
   export_dir = cfg.export.dir or str(path / "student")
-  return _final_report(run, state, path, before, report_lib.read_history(str(path / METRICS_FILE)),
+  history = report_lib.read_history(str(path / METRICS_FILE))
+  return _final_report(run, _student_params(run, state), path, before, history,
                        export_dir if os.path.isdir(export_dir) else None)
 
 
