@@ -641,7 +641,7 @@ def train(cfg: config_lib.Config) -> RunResult:
 
   report = export_dir = None
   if not preempted:
-    params = jax.device_get(_student_params(run, state))  # a collective on several processes: all gather
+    params = _student_params(run, state)  # a collective on several processes: every process gathers
     export_dir = _export(run, params, run_dir) if cfg.export.enabled and _is_main() else None
     if _is_main():
       report = _final_report(run, params, run_dir, before, logger.rows, export_dir)
@@ -733,7 +733,7 @@ def _export(run: Run, params: Any, run_dir: pathlib.Path) -> str:
 
   out = run.config.export.dir or str(run_dir / "student")
   overwrite = run.config.export.overwrite or os.path.abspath(out) == os.path.abspath(run_dir / "student")
-  checkpoint.export_student(run.student, params, out, overwrite=overwrite)
+  checkpoint.export_student(run.student, jax.device_get(params), out, overwrite=overwrite)
   _echo(f"exported the student to {out}")
   return out
 
