@@ -18,6 +18,12 @@ def broadcast_mask(where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array
   return jnp.broadcast_to(jnp.asarray(where, dtype=bool), shape)
 
 
+def mask_or_ones(where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array:
+  """`broadcast_mask`, with ``None`` meaning every entry is kept (an all-True mask)."""
+  mask = broadcast_mask(where, shape)
+  return jnp.ones(shape, bool) if mask is None else mask
+
+
 def mask_inputs(x: ArrayLike, mask: jax.Array | None, fill: float | int = 0) -> jax.Array:
   """Replaces masked entries of ``x`` by ``fill``; trailing axes of ``x`` beyond ``mask`` broadcast.
 

@@ -86,9 +86,7 @@ def _examples(
   b = student.shape[0]
   if teacher.shape[0] != b:
     raise ValueError(f"batch sizes differ: student {student.shape}, teacher {teacher.shape}")
-  mask = _reduce.broadcast_mask(where, (b,))
-  if mask is None:
-    mask = jnp.ones((b,), bool)
+  mask = _reduce.mask_or_ones(where, (b,))
   student = _reduce.mask_inputs(student.reshape(b, -1), mask)
   teacher = _reduce.mask_inputs(teacher.reshape(b, -1), mask)
   return student, teacher, mask
@@ -246,9 +244,7 @@ def token_relation(
     Park et al., "Relational Knowledge Distillation", 2019; Wang et al., "MiniLMv2", 2021.
   """
   student, teacher = _sequence_pair_f32(student_h, teacher_h, "token_relation")
-  mask = _reduce.broadcast_mask(where, student.shape[:2])
-  if mask is None:
-    mask = jnp.ones(student.shape[:2], bool)
+  mask = _reduce.mask_or_ones(where, student.shape[:2])
   rel_s = relation_matrix(_reduce.mask_inputs(student, mask), kind=kind)
   rel_t = relation_matrix(_reduce.mask_inputs(teacher, mask), kind=kind)
   keys_BxTxT = mask[:, None, :] & mask[:, :, None]

@@ -10,6 +10,7 @@ The teacher is a constant: it gets a zero cotangent.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import jax
@@ -102,11 +103,8 @@ def _chunked_token_loss(
   bt = jnp.zeros((vocab,), jnp.float32) if teacher_bias is None else jnp.asarray(teacher_bias)
   bt = jax.lax.stop_gradient(bt)
 
-  n = 1
-  for d in lead:
-    n *= d
-  mask_N = _reduce.broadcast_mask(where, lead)
-  mask_N = jnp.ones((n,), bool) if mask_N is None else mask_N.reshape(n)
+  n = math.prod(lead)
+  mask_N = _reduce.mask_or_ones(where, lead).reshape(n)
   hs = _reduce.mask_inputs(hs.reshape(n, -1), mask_N)
   ht = _reduce.mask_inputs(ht.reshape(n, -1), mask_N)
   chunk = min(chunk_size, max(n, 1))
