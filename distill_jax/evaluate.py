@@ -80,10 +80,6 @@ def token_mask(batch: Mapping[str, jax.Array], *, require_labels: bool = False) 
 # ----------------------------------------------------------------- per-batch metrics
 
 
-def _sum_and_count(values: jax.Array, where: jax.Array) -> tuple[jax.Array, jax.Array]:
-  return losses.masked_sum_and_count(values.astype(jnp.float32), where)
-
-
 def _shared(student_logits: jax.Array, teacher_logits: jax.Array,
             shared_vocab: Optional[int]) -> tuple[jax.Array, jax.Array]:
   if shared_vocab is not None:
@@ -108,7 +104,7 @@ def nll_sum_and_count(logits: jax.Array, labels: jax.Array,
   Returns:
     ``(sum, count)`` float32 scalars; ``exp(sum / count)`` is the perplexity.
   """
-  return _sum_and_count(losses.cross_entropy(logits, labels, where=where), where)
+  return losses.masked_sum_and_count(losses.cross_entropy(logits, labels, where=where), where)
 
 
 def top1_agreement_sum_and_count(student_logits: jax.Array, teacher_logits: jax.Array,
@@ -127,7 +123,7 @@ def top1_agreement_sum_and_count(student_logits: jax.Array, teacher_logits: jax.
   """
   student_logits, teacher_logits = _shared(student_logits, teacher_logits, shared_vocab)
   agree = jnp.argmax(student_logits, -1) == jnp.argmax(teacher_logits, -1)
-  return _sum_and_count(agree, where)
+  return losses.masked_sum_and_count(agree, where)
 
 
 def kl_sum_and_count(student_logits: jax.Array, teacher_logits: jax.Array,
@@ -147,7 +143,8 @@ def kl_sum_and_count(student_logits: jax.Array, teacher_logits: jax.Array,
     ``(sum, count)`` float32 scalars.
   """
   student_logits, teacher_logits = _shared(student_logits, teacher_logits, shared_vocab)
-  return _sum_and_count(losses.forward_kl(student_logits, teacher_logits, where=where), where)
+  values = losses.forward_kl(student_logits, teacher_logits, where=where)
+  return losses.masked_sum_and_count(values, where)
 
 
 def confusion_matrix(logits_BxC: jax.Array, labels_B: jax.Array, where_B: jax.Array
@@ -169,23 +166,22 @@ def confusion_matrix(logits_BxC: jax.Array, labels_B: jax.Array, where_B: jax.Ar
   return true_BxC.T @ pred_BxC
 
 
-def cosine_sum_and_count(student_BxH: jax.Array, teacher_BxH: jax.Array, where_B: jax.Array,
-                         *, eps: float = 1e-8) -> tuple[jax.Array, jax.Array]:
+def cosine_sum_and_count(student_BxH: jax.Array, teacher_BxH: jax.Array, where_B: jax.Array
+                         ) -> tuple[jax.Array, jax.Array]:
   """Summed cosine similarity between paired student and teacher embeddings.
+
+  The similarity is ``1 - losses.cosine_distance`` (each norm floored at 1e-8).
 
   Args:
     student_BxH: ``[B, H]``.
     teacher_BxH: ``[B, H]``.
     where_B: ``[B]`` bool.
-    eps: floor on the norms.
 
   Returns:
     ``(sum, count)`` float32 scalars.
   """
-  s = student_BxH.astype(jnp.float32)
-  t = teacher_BxH.astype(jnp.float32)
-  norms_B = jnp.maximum(jnp.linalg.norm(s, axis=-1) * jnp.linalg.norm(t, axis=-1), eps)
-  return _sum_and_count(jnp.sum(s * t, -1) / norms_B, where_B)
+  distance_B = losses.cosine_distance(student_BxH, teacher_BxH, where=where_B)
+  return losses.masked_sum_and_count(1.0 - distance_B, where_B)
 
 
 # ------------------------------------------------------------------ host finalizers
@@ -295,7 +291,7 @@ def batch_stats(student_out: Any, teacher_out: Any, batch: Mapping[str, jax.Arra
       stats["confusion"] = confusion_matrix(s_logits, labels_B, ex_mask_B)
       stats["teacher_confusion"] = confusion_matrix(t_logits, labels_B, ex_mask_B)
   else:
-    where = token_mask(batch) & ex_mask_B[:, None]
+    where = token_mask(batch)  # attention_mask-based, so padded examples are already out
     if has_labels:
       labels_BxT = jnp.asarray(batch["labels"])
       label_mask_BxT = token_mask(batch, require_labels=True)
