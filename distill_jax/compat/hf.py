@@ -103,6 +103,14 @@ def flax_class(family: str, task: str) -> type:
 # ----------------------------------------------------------------------------- sources
 
 
+def _weight_files(path: pathlib.Path, base: str) -> list[str]:
+  """The files of weight format `base` in `path`: its shards when indexed, else itself; [] if absent."""
+  index = path / f"{base}.index.json"
+  if index.exists():
+    return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+  return [base] if (path / base).exists() else []
+
+
 def _has_weights(path: pathlib.Path) -> bool:
   return any((path / name).exists() or (path / f"{name}.index.json").exists() for name in _WEIGHT_FILES)
 
@@ -236,10 +244,8 @@ def call_module(module, family: str, params, input_ids, attention_mask, *, token
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _load_flax_weights(path: pathlib.Path) -> dict:
-  """Flat params of a (possibly sharded) `flax_model.msgpack`."""
-  index = path / f"{_FLAX_WEIGHTS}.index.json"
-  files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [_FLAX_WEIGHTS]
+def _load_flax_weights(path: pathlib.Path, files: list[str]) -> dict:
+  """Flat params of a (possibly sharded) `flax_model.msgpack` (`files`: from `_weight_files`)."""
   flat = {}
   for name in files:
     state = flax.serialization.msgpack_restore((path / name).read_bytes())
@@ -250,12 +256,8 @@ def _load_flax_weights(path: pathlib.Path) -> dict:
 def _load_pt_state_dict(path: pathlib.Path) -> dict[str, np.ndarray]:
   """PyTorch-named numpy state dict from safetensors (no torch needed) or pytorch_model.bin."""
   for base, safe in ((_SAFE_WEIGHTS, True), (_PT_WEIGHTS, False)):
-    index = path / f"{base}.index.json"
-    if index.exists():
-      files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / base).exists():
-      files = [base]
-    else:
+    files = _weight_files(path, base)
+    if not files:
       continue
     state = {}
     for name in files:
@@ -306,8 +308,9 @@ def load_checkpoint(path: pathlib.Path, config, task: str, *, dtype: Any, param_
   Raises:
     ValueError: if a weight the module needs is missing (listing them) or has the wrong shape.
   """
-  is_flax = (path / _FLAX_WEIGHTS).exists() or (path / f"{_FLAX_WEIGHTS}.index.json").exists()
-  raw = _load_flax_weights(path) if is_flax else _load_pt_state_dict(path)
+  flax_files = _weight_files(path, _FLAX_WEIGHTS)
+  is_flax = bool(flax_files)
+  raw = _load_flax_weights(path, flax_files) if is_flax else _load_pt_state_dict(path)
   has_pooler = any("pooler" in (k if isinstance(k, tuple) else k.split(".")) for k in raw)
   module_kwargs = {}
   if task == "encoder" and config.model_type in ("bert", "roberta") and not has_pooler:
@@ -348,7 +351,7 @@ def flax_to_pt_state_dict(params, config) -> dict[str, np.ndarray]:
   """PyTorch-named float32 numpy state dict of Flax `params` (inverse of HF's PT→Flax renames)."""
   state = {}
   for key, value in flatten_dict(params).items():
-    value = np.asarray(jnp.asarray(value, jnp.float32))
+    value = np.asarray(value, np.float32)
     *path, leaf = key
     if leaf == "kernel":
       leaf, value = "weight", value.T if value.ndim == 2 else value
@@ -369,9 +372,9 @@ def save_checkpoint(out_dir: str | os.PathLike, params, config, tokenizer, task:
   config = copy.deepcopy(config)
   config.architectures = [flax_class(config.model_type, task).__name__[len("Flax"):]]
   config.save_pretrained(out)
-  host_params = jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.float32)), params)
+  host_params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)  # one copy to host for both files
   (out / _FLAX_WEIGHTS).write_bytes(flax.serialization.msgpack_serialize(host_params))
-  safetensors.numpy.save_file(flax_to_pt_state_dict(params, config), out / _SAFE_WEIGHTS,
+  safetensors.numpy.save_file(flax_to_pt_state_dict(host_params, config), out / _SAFE_WEIGHTS,
                               metadata={"format": "pt"})
   if tokenizer is not None:
     tokenizer.save_pretrained(out)
