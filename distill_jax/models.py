@@ -77,17 +77,6 @@ _BASE_OUTPUTS = frozenset({"logits", "hidden_states", "attention_probs", "pooled
 _MASKED_SCORE = -1e4  # finite score of masked (padded or future) keys in `attention_scores`
 
 
-def _check_outputs(outputs: Sequence[str], model: "Model") -> tuple[str, ...]:
-  outputs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
-  for name in outputs:
-    if name not in OUTPUT_NAMES:
-      raise ValueError(f"outputs: unknown {name!r}; allowed: {', '.join(OUTPUT_NAMES)}")
-    if name not in model.capabilities:
-      raise ValueError(f"outputs: {name!r} is not available for family {model.family!r} (task {model.task!r}); "
-                       f"it gives {', '.join(sorted(model.capabilities))}")
-  return outputs
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class Model:
   """A Hugging Face Flax model behind one output contract.
@@ -143,7 +132,14 @@ class Model:
 
   def check_outputs(self, outputs: Sequence[str]) -> tuple[str, ...]:
     """Validates `outputs` (one-line ValueError naming the output and family)."""
-    return _check_outputs(outputs, self)
+    outputs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
+    for name in outputs:
+      if name not in OUTPUT_NAMES:
+        raise ValueError(f"outputs: unknown {name!r}; allowed: {', '.join(OUTPUT_NAMES)}")
+      if name not in self.capabilities:
+        raise ValueError(f"outputs: {name!r} is not available for family {self.family!r} (task {self.task!r}); "
+                         f"it gives {', '.join(sorted(self.capabilities))}")
+    return outputs
 
   def apply(self, params, batch: Mapping[str, jax.Array], *, outputs: Sequence[str] = ("logits",),
             train: bool = False, rng: Optional[jax.Array] = None, pooling: str = "mean") -> ModelOutputs:
@@ -176,7 +172,7 @@ class Model:
         self.module, self.family, params, input_ids, attention_mask,
         token_type_ids=batch.get("token_type_ids"), position_ids=batch.get("position_ids"),
         output_attentions="attention_probs" in want,
-        output_hidden_states=bool(want & {"hidden_states"}) or ("pooled" in want and self.task != "encoder"),
+        output_hidden_states="hidden_states" in want or ("pooled" in want and self.task != "encoder"),
         deterministic=not dropout, rngs={"dropout": rng} if dropout else None, capture=capture)
     result = {}
     if "logits" in want:
@@ -297,14 +293,19 @@ def model_from_config(config: Any, task: str = "causal_lm", *, tokenizer: Any = 
   return _make(module, hf.init_params(config, task, seed), config, tokenizer, task, dtype)
 
 
+def _layer_position(key: tuple[str, ...]) -> Optional[int]:
+  """Where in a param key its transformer layer index stands (`.../layer/3/...`), or None."""
+  return next((i for i, part in enumerate(key[:-1])
+               if part.isdigit() and i > 0 and key[i - 1] in ("layer", "layers", "h")), None)
+
+
 def _layer_container(params_flat: dict) -> dict[int, list[tuple[str, ...]]]:
   """0-based transformer layer index -> param keys of that layer."""
   layers: dict[int, list] = {}
   for key in params_flat:
-    for i, part in enumerate(key[:-1]):
-      if part.isdigit() and i > 0 and key[i - 1] in ("layer", "layers", "h"):
-        layers.setdefault(int(part), []).append(key)
-        break
+    pos = _layer_position(key)
+    if pos is not None:
+      layers.setdefault(int(key[pos]), []).append(key)
   return layers
 
 
@@ -353,8 +354,7 @@ def init_student(teacher: Model, num_layers: Optional[int] = None, *, layers: Op
   copied = {}
   for s_index, t_index in enumerate(layers):
     for t_key in t_by_layer.get(t_index, []):
-      pos = next(i for i, p in enumerate(t_key[:-1]) if p == str(t_index) and i > 0
-                 and t_key[i - 1] in ("layer", "layers", "h"))
+      pos = _layer_position(t_key)
       copied[t_key[:pos] + (str(s_index),) + t_key[pos + 1:]] = t_flat[t_key]
   t_layer_keys = {k for keys in t_by_layer.values() for k in keys}
   for key, value in t_flat.items():
