@@ -44,14 +44,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax.data_sources import PYDOC, load_texts, pydoc_corpus
+from distill_jax.data_sources import PYDOC, check_columns, load_texts, pydoc_corpus
+from distill_jax.models import TASKS
 
 __all__ = ["TASKS", "Examples", "tokenize", "train_batches", "eval_batches", "steps_per_epoch",
            "padding_report", "mask_tokens", "mask_batch", "load_texts", "pydoc_corpus", "PYDOC"]
 
 _LOG = logging.getLogger(__name__)
-
-TASKS = ("causal_lm", "masked_lm", "sequence_classification", "encoder")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -135,11 +134,7 @@ def tokenize(dataset: datasets.Dataset, tokenizer: Any, *, task: str, max_length
   text_columns = (text_columns,) if isinstance(text_columns, str) else tuple(text_columns)
   if task == "sequence_classification" and label_column is None:
     raise ValueError("data.label_column: required for task 'sequence_classification'")
-  missing = [c for c in (*text_columns, *([label_column] if label_column else [])) if c not in dataset.column_names]
-  if missing:
-    raise ValueError(f"data.text_columns: no column {missing[0]!r}; the dataset has {dataset.column_names}")
-  if len(dataset) == 0:
-    raise ValueError("data.source: the dataset is empty")
+  check_columns(dataset, text_columns, label_column)
   special_ids = tuple(sorted(set(tokenizer.all_special_ids)))
   if task == "causal_lm":
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id

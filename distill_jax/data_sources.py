@@ -72,7 +72,7 @@ def load_texts(source: str, *, split: str = "train", name: Optional[str] = None,
     splits = _load_local(source, data_format, cache_dir) if _is_path(source) else _load_hub(
         source, name, cache_dir)
     ds = _pick_split(splits, split, validation_fraction, seed)
-  _check_columns(ds, text_columns, label_column)
+  check_columns(ds, text_columns, label_column)
   return _drop_empty(ds, text_columns)
 
 
@@ -180,13 +180,14 @@ def _pick_split(splits: datasets.DatasetDict, split: str, validation_fraction: O
   raise ValueError(f"data.split: no split {split!r}; available: {', '.join(splits)}{hint}")
 
 
-def _check_columns(ds: datasets.Dataset, text_columns: Sequence[str], label_column: Optional[str]) -> None:
+def check_columns(ds: datasets.Dataset, text_columns: Sequence[str], label_column: Optional[str]) -> None:
+  """One-line ValueError naming the field of a missing text or label column, or an empty split."""
   for field, cols in (("data.text_columns", text_columns), ("data.label_column", [label_column] if label_column else [])):
     missing = [c for c in cols if c not in ds.column_names]
     if missing:
       raise ValueError(f"{field}: no column {missing[0]!r}; the dataset has {ds.column_names}")
   if len(ds) == 0:
-    raise ValueError(f"data.source: the dataset {ds.split or ''} split is empty")
+    raise ValueError(f"data.source: the dataset{f' {ds.split} split' if ds.split else ''} is empty")
 
 
 def _drop_empty(ds: datasets.Dataset, text_columns: Sequence[str]) -> datasets.Dataset:

@@ -182,6 +182,10 @@ def test_batch_errors(mlm, texts, bert):
     data.tokenize(texts, bert, task="sequence_classification", max_length=64)
   with pytest.raises(ValueError, match=r"^data.text_columns: no column 'body'; the dataset has \['text'\]"):
     data.tokenize(texts, bert, task="encoder", max_length=64, text_columns=("body",))
+  with pytest.raises(ValueError, match=r"^data.label_column: no column 'y'; the dataset has \['text'\]"):
+    data.tokenize(texts, bert, task="sequence_classification", max_length=64, label_column="y")
+  with pytest.raises(ValueError, match=r"^data.source: the dataset is empty$"):
+    data.tokenize(datasets.Dataset.from_dict({"text": []}), bert, task="encoder", max_length=64)
 
 
 def test_hub_unavailable_offline():
