@@ -432,15 +432,12 @@ class DataConfig(_Section):
       _fail(f"{p('validation_fraction')} must be in (0, 1), got {self.validation_fraction:g}")
     if not 1 <= len(self.text_columns) <= 2:
       _fail(f"{p('text_columns')} must name one column or a pair, got {list(self.text_columns)}")
-    for name in ("max_length", "global_batch_size"):
+    for name in ("max_length", "global_batch_size", "eval_batch_size", "max_examples"):
       _check_positive_or_none(getattr(self, name), p(name))
-    _check_positive_or_none(self.eval_batch_size, p("eval_batch_size"))
-    _check_positive_or_none(self.max_examples, p("max_examples"))
     if not 0.0 < self.mlm_probability < 1.0:
       _fail(f"{p('mlm_probability')} must be in (0, 1), got {self.mlm_probability:g}")
     for name in ("num_workers", "prefetch"):
-      if getattr(self, name) < 0:
-        _fail(f"{p(name)} must be >= 0, got {getattr(self, name)}")
+      _check_nonnegative(getattr(self, name), p(name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -479,8 +476,7 @@ class OptimizerConfig(_Section):
     p = lambda name: _join(prefix, name)  # noqa: E731
     if self.learning_rate <= 0:
       _fail(f"{p('learning_rate')} must be > 0, got {self.learning_rate:g}")
-    if self.warmup_steps < 0:
-      _fail(f"{p('warmup_steps')} must be >= 0, got {self.warmup_steps}")
+    _check_nonnegative(self.warmup_steps, p("warmup_steps"))
     _check_unit(self.final_lr_fraction, p("final_lr_fraction"))
     if self.weight_decay < 0:
       _fail(f"{p('weight_decay')} must be >= 0, got {self.weight_decay:g}")
@@ -536,8 +532,7 @@ class TrainConfig(_Section):
     for name in ("steps", "log_every", "max_nonfinite_steps", "debug_nonfinite_count"):
       _check_positive_or_none(getattr(self, name), p(name))
     for name in ("eval_every", "eval_batches"):
-      if getattr(self, name) < 0:
-        _fail(f"{p(name)} must be >= 0, got {getattr(self, name)}")
+      _check_nonnegative(getattr(self, name), p(name))
     if not self.run_dir.strip():
       _fail(f"{p('run_dir')} must be a non-empty path")
     if self.debug_nonfinite_step < -1 or self.debug_nonfinite_step == 0:
@@ -658,8 +653,7 @@ class CheckpointConfig(_Section):
   def _validate(self, prefix: str) -> None:
     p = lambda name: _join(prefix, name)  # noqa: E731
     for name in ("every", "keep_best"):
-      if getattr(self, name) < 0:
-        _fail(f"{p(name)} must be >= 0, got {getattr(self, name)}")
+      _check_nonnegative(getattr(self, name), p(name))
     _check_positive_or_none(self.keep_last, p("keep_last"))
     if self.keep_best and not self.best_metric.strip():
       _fail(f"{p('best_metric')} must name an eval metric when {p('keep_best')} > 0")
@@ -682,8 +676,7 @@ class EvalConfig(_Section):
   throughput_batches: int = 5
 
   def _validate(self, prefix: str) -> None:
-    if self.throughput_batches < 0:
-      _fail(f"{_join(prefix, 'throughput_batches')} must be >= 0, got {self.throughput_batches}")
+    _check_nonnegative(self.throughput_batches, _join(prefix, "throughput_batches"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -880,6 +873,11 @@ def _describe(value: Any) -> str:
 def _check_positive_or_none(value: Optional[int], path: str) -> None:
   if value is not None and value < 1:
     _fail(f"{path} must be >= 1, got {value}")
+
+
+def _check_nonnegative(value: int, path: str) -> None:
+  if value < 0:
+    _fail(f"{path} must be >= 0, got {value}")
 
 
 def _check_unit(value: float, path: str) -> None:
