@@ -154,8 +154,10 @@ def tokenize(dataset: datasets.Dataset, tokenizer: Any, *, task: str, max_length
                           remove_columns=[c for c in dataset.column_names if c != label_column],
                           cache_file_name=cache_file)
   pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
-  columns = {k: _flat(tokenized, k) for k in ("input_ids", "token_type_ids") if k in tokenized.column_names}
-  offsets = np.asarray(tokenized.data.column("input_ids").combine_chunks().offsets, np.int64)
+  lists = {k: tokenized.data.column(k).combine_chunks() for k in ("input_ids", "token_type_ids")
+           if k in tokenized.column_names}
+  columns = {k: np.asarray(v.values, np.int32) for k, v in lists.items()}
+  offsets = np.asarray(lists["input_ids"].offsets, np.int64)
   if task == "causal_lm":
     return _pack(columns["input_ids"], offsets, max_length, pad_id, special_ids)
   labels, names = None, None
@@ -179,10 +181,6 @@ def tokenize(dataset: datasets.Dataset, tokenizer: Any, *, task: str, max_length
 def _tokenizer_key(tokenizer: Any) -> str:
   backend = getattr(tokenizer, "backend_tokenizer", None)
   return backend.to_str() if backend is not None else repr(tokenizer)
-
-
-def _flat(ds: datasets.Dataset, column: str) -> np.ndarray:
-  return np.asarray(ds.data.column(column).combine_chunks().values, np.int32)
 
 
 def _texts(batch: dict, columns: Sequence[str]) -> list:
