@@ -95,6 +95,14 @@ class Term:
       return ()
     return self.teacher if isinstance(self.teacher, tuple) else (self.teacher,)
 
+  def weight_at(self, step: jax.Array) -> float | jax.Array:
+    """The weight at ``step``: ``weight_schedule`` when set, else the static ``weight``."""
+    return self.weight if self.weight_schedule is None else self.weight_schedule(step)
+
+  def temperature_at(self, step: jax.Array) -> float | jax.Array:
+    """The temperature at ``step``: ``temperature_schedule`` when set, else ``temperature``."""
+    return self.temperature if self.temperature_schedule is None else self.temperature_schedule(step)
+
 
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
@@ -148,6 +156,10 @@ LOSSES: dict[str, LossSpec] = {
 
 _BATCH_RELATIONS = {"similarity_preserving": losses.similarity_preserving,
                     "rkd_distance": losses.rkd_distance, "rkd_angle": losses.rkd_angle}
+# Terms over mapped layer pairs: hidden states (0 = embeddings) and attention maps (from 1).
+_HIDDEN_PAIR_LOSSES = ("hidden_mse", "hidden_cosine", "token_relation")
+_ATTENTION_PAIR_LOSSES = ("attention_mse", "attention_kl", "value_relation")
+_LAYER_LOSSES = _HIDDEN_PAIR_LOSSES + _ATTENTION_PAIR_LOSSES
 
 # The recipes of the literature, as term lists (the config layer writes the same lists).
 RECIPES: dict[str, tuple[dict[str, Any], ...]] = {
@@ -373,10 +385,9 @@ def _bind(i: int, term: Term, student, teachers: Mapping[str, Any]) -> _Bound:
         except ValueError as e:
           raise _fail(i, "teacher", str(e)) from None
     kw["vocab"] = min(vocabs) if vocabs else None
-  if term.loss in ("hidden_mse", "hidden_cosine", "attention_mse", "attention_kl", "value_relation",
-                   "token_relation"):
+  if term.loss in _LAYER_LOSSES:
     kw["pairs"] = _pairs(i, term, student, teachers[term.teachers[0]],
-                         attention=term.loss in ("attention_mse", "attention_kl", "value_relation"))
+                         attention=term.loss in _ATTENTION_PAIR_LOSSES)
   if "projection" in spec.options:
     teacher = teachers[term.teachers[0]]
     if student.hidden_size != teacher.hidden_size and term.projection == "none":
@@ -385,7 +396,7 @@ def _bind(i: int, term: Term, student, teachers: Mapping[str, Any]) -> _Bound:
     kw["project"] = term.projection == "linear"
     if term.loss in ("cls_mse", "pooled_mse", "pooled_cosine"):
       kw["pairs"] = ((student.num_layers, teacher.num_layers),)
-  if term.loss in ("attention_mse", "attention_kl", "value_relation"):
+  if term.loss in _ATTENTION_PAIR_LOSSES:
     teacher = teachers[term.teachers[0]]
     if student.num_heads != teacher.num_heads:
       raise _fail(i, "loss", f"{term.loss} needs equal head counts; student has {student.num_heads}, "
@@ -434,6 +445,32 @@ def _local_rows(values: jax.Array, local_rows: int, axis_name: Optional[str]) ->
   if axis_name is None:
     return values
   return lax.dynamic_slice_in_dim(values, lax.axis_index(axis_name) * local_rows, local_rows)
+
+
+def _layer_pair_values(b: _Bound, s_out, t_out, s: int, t: int, mask_BxT: jax.Array,
+                       proj) -> tuple[jax.Array, jax.Array]:
+  """Unreduced values of a layer-mapped term for the layer pair ``(s, t)``, and their mask."""
+  name = b.term.loss
+  if name in _HIDDEN_PAIR_LOSSES:
+    h_s = _project(proj[_pair_key(s, t)] if proj else None, s_out.hidden_states[s])
+    h_t = t_out.hidden_states[t]
+    if name == "hidden_mse":
+      return losses.hidden_mse(h_s, h_t, where=mask_BxT), mask_BxT
+    if name == "hidden_cosine":
+      return losses.cosine_distance(h_s, h_t, where=mask_BxT), mask_BxT
+    return losses.token_relation(h_s, h_t, where=mask_BxT, kind=b.term.kind), mask_BxT
+  # Attention maps are indexed from layer 1; values are [B, N, T], one per (head, query).
+  where_Bx1xT = mask_BxT[:, None, :]
+  if name == "attention_mse":
+    values = losses.attention_mse(s_out.attention_scores[s - 1], t_out.attention_scores[t - 1],
+                                  where=where_Bx1xT, key_mask=mask_BxT)
+  elif name == "attention_kl":
+    values = losses.attention_kl(s_out.attention_probs[s - 1], t_out.attention_probs[t - 1],
+                                 where=where_Bx1xT)
+  else:
+    values = losses.value_relation_kl(s_out.values[s - 1], t_out.values[t - 1], num_heads=b.num_heads,
+                                      where=where_Bx1xT, key_mask=mask_BxT)
+  return values, where_Bx1xT
 
 
 class Objective:
@@ -501,8 +538,7 @@ class Objective:
                                 projection_params.get(b.term.name), step, axis_name)
       metrics[b.term.name] = (total, count)
       global_count = count if axis_name is None else lax.psum(count, axis_name)
-      weight = b.term.weight if b.term.weight_schedule is None else b.term.weight_schedule(step)
-      loss = loss + weight * total / jnp.maximum(global_count, 1.0)
+      loss = loss + b.term.weight_at(step) * total / jnp.maximum(global_count, 1.0)
     return loss, metrics
 
   def loss_from_sums(self, sums: Mapping[str, tuple[float, float]], step: int) -> float:
@@ -514,8 +550,7 @@ class Objective:
     total = 0.0
     for b in self.bound:
       s, c = sums[b.term.name]
-      weight = b.term.weight if b.term.weight_schedule is None else float(b.term.weight_schedule(jnp.asarray(step)))
-      total += weight * float(s) / max(float(c), 1.0)
+      total += float(b.term.weight_at(jnp.asarray(step))) * float(s) / max(float(c), 1.0)
     return total
 
   def _term(self, b: _Bound, s_out, t_outs, batch, mask_BxT, proj, step, axis_name):
@@ -535,7 +570,7 @@ class Objective:
       if name == "cross_entropy":
         values = losses.cross_entropy(s_logits, batch["labels"], where=where, label_smoothing=term.label_smoothing)
         return losses.masked_sum_and_count(values, where)
-      temperature = term.temperature if term.temperature_schedule is None else term.temperature_schedule(step)
+      temperature = term.temperature_at(step)
       if name == "ensemble_kl":
         logp = [jax.nn.log_softmax(t_outs[n].logits[..., :s_logits.shape[-1]].astype(jnp.float32) / temperature)
                 for n in term.teachers]
@@ -556,35 +591,11 @@ class Objective:
         values = fn(s_logits, t_logits, skew=term.skew, temperature=temperature, where=where)
       return losses.masked_sum_and_count(values, where)
 
-    if name in ("hidden_mse", "hidden_cosine", "token_relation"):
+    if name in _LAYER_LOSSES:
       total = count = jnp.zeros((), jnp.float32)
       for s, t in b.pairs:
-        h_s = _project(proj[_pair_key(s, t)] if proj else None, s_out.hidden_states[s])
-        h_t = t_out.hidden_states[t]
-        if name == "hidden_mse":
-          values = losses.hidden_mse(h_s, h_t, where=mask_BxT)
-        elif name == "hidden_cosine":
-          values = losses.cosine_distance(h_s, h_t, where=mask_BxT)
-        else:
-          values = losses.token_relation(h_s, h_t, where=mask_BxT, kind=term.kind)
-        pair_sum, pair_count = losses.masked_sum_and_count(values, mask_BxT)
-        total, count = total + pair_sum, count + pair_count
-      return total, count
-
-    if name in ("attention_mse", "attention_kl", "value_relation"):
-      total = count = jnp.zeros((), jnp.float32)
-      where_Bx1xT = mask_BxT[:, None, :]
-      for s, t in b.pairs:
-        if name == "attention_mse":
-          values = losses.attention_mse(s_out.attention_scores[s - 1], t_out.attention_scores[t - 1],
-                                        where=where_Bx1xT, key_mask=mask_BxT)
-        elif name == "attention_kl":
-          values = losses.attention_kl(s_out.attention_probs[s - 1], t_out.attention_probs[t - 1],
-                                       where=where_Bx1xT)
-        else:
-          values = losses.value_relation_kl(s_out.values[s - 1], t_out.values[t - 1], num_heads=b.num_heads,
-                                            where=where_Bx1xT, key_mask=mask_BxT)
-        pair_sum, pair_count = losses.masked_sum_and_count(values, jnp.broadcast_to(where_Bx1xT, values.shape))
+        values, where = _layer_pair_values(b, s_out, t_out, s, t, mask_BxT, proj)
+        pair_sum, pair_count = losses.masked_sum_and_count(values, where)
         total, count = total + pair_sum, count + pair_count
       return total, count
 
