@@ -11,6 +11,7 @@ the distilled student and the teacher (``teacher_*`` entries of the same dicts, 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -307,9 +308,10 @@ def plot_history(history: Sequence[Mapping[str, Any]], path: str | os.PathLike, 
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
   fig.tight_layout()
+  png = io.BytesIO()
+  fig.savefig(png, format="png")
   path = os.fspath(path)
-  fig.savefig(path + ".tmp.png", format="png")
-  os.replace(path + ".tmp.png", path)
+  _write_atomic(path, png.getvalue())
   return path
 
 
