@@ -9,6 +9,7 @@ checkpoint (tied embeddings are filled from the embedding matrix), otherwise a
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import json
 import logging
@@ -199,6 +200,12 @@ def init_params(config: transformers.PretrainedConfig, task: str, seed: int = 0)
   return jax.tree.map(jnp.asarray, hf_model.params)
 
 
+@functools.lru_cache(maxsize=None)
+def _call_parameters(module_cls: type) -> frozenset[str]:
+  """The argument names of a Flax module class's `__call__` (read once per class, not per trace)."""
+  return frozenset(inspect.signature(module_cls.__call__).parameters)
+
+
 def call_module(module, family: str, params, input_ids, attention_mask, *, token_type_ids=None,
                 position_ids=None, output_attentions: bool = False, output_hidden_states: bool = False,
                 deterministic: bool = True, rngs=None, capture=None):
@@ -219,7 +226,7 @@ def call_module(module, family: str, params, input_ids, attention_mask, *, token
       position_ids = jnp.cumsum(not_pad, axis=-1) * not_pad + pad
     else:
       position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
-  accepted = inspect.signature(type(module).__call__).parameters
+  accepted = _call_parameters(type(module))
   kwargs = dict(attention_mask=attention_mask, deterministic=deterministic,
                 output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                 return_dict=True)
