@@ -9,14 +9,13 @@ process) restores the same checkpoint afterwards.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from multihost_util import free_port, run_workers
+
 NUM_PROCESSES, LOCAL_DEVICES = 2, 2
-HERE = Path(__file__).resolve().parent
 
 
 def worker(coordinator: str, process_id: int, run_dir: str) -> None:
@@ -48,23 +47,9 @@ def worker(coordinator: str, process_id: int, run_dir: str) -> None:
 
 @pytest.mark.multihost
 def test_two_processes_save_once_and_agree_on_stop(tmp_path):
-  from test_multihost import _free_port  # pylint: disable=g-import-not-at-top
-  coordinator = f"127.0.0.1:{_free_port()}"
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
-             JAX_PLATFORMS="cpu")
-  procs = [subprocess.Popen([sys.executable, __file__, coordinator, str(i), str(tmp_path)],
-                            env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True) for i in range(NUM_PROCESSES)]
-  logs = []
-  try:
-    for p in procs:
-      logs.append(p.communicate(timeout=180)[0])
-  finally:
-    for p in procs:  # a dead peer must not hang the test
-      if p.poll() is None:
-        p.kill()
-        p.communicate()
-  assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+  coordinator = f"127.0.0.1:{free_port()}"
+  logs = run_workers(__file__, [(coordinator, i, tmp_path) for i in range(NUM_PROCESSES)],
+                     local_devices=LOCAL_DEVICES, timeout=180)
   assert all(f"WORKER {i} OK" in log for i, log in enumerate(logs))
 
   step_dir = tmp_path / "checkpoints" / "4"
@@ -83,5 +68,4 @@ def test_two_processes_save_once_and_agree_on_stop(tmp_path):
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, str(HERE))
   worker(sys.argv[1], int(sys.argv[2]), sys.argv[3])

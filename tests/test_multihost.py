@@ -8,13 +8,12 @@ mesh spanning both processes.  Process 0 writes the losses and the gathered para
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+
+from multihost_util import free_port, run_workers
 
 NUM_PROCESSES, LOCAL_DEVICES, STEPS = 2, 2, 3
 
@@ -60,33 +59,15 @@ def worker(coordinator: str, process_id: int, checkpoint: str, out: str) -> None
   multihost_utils.sync_global_devices("done")
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.multihost
 def test_two_processes_match_one(tmp_path):
   from test_step import make_batch, make_pair, run_single
 
   teacher, student = make_pair(tmp_path / "bert")
   out = tmp_path / "result.npz"
-  coordinator = f"127.0.0.1:{_free_port()}"
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}", JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
-  procs = [subprocess.Popen([sys.executable, __file__, coordinator, str(i), str(tmp_path / "bert"), str(out)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(NUM_PROCESSES)]
-  logs = []
-  try:
-    for p in procs:
-      logs.append(p.communicate(timeout=300)[0])
-  finally:
-    for p in procs:  # a dead peer must not hang the test
-      if p.poll() is None:
-        p.kill()
-  assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+  coordinator = f"127.0.0.1:{free_port()}"
+  run_workers(__file__, [(coordinator, i, tmp_path / "bert", out) for i in range(NUM_PROCESSES)],
+              local_devices=LOCAL_DEVICES, timeout=300)
   got = dict(np.load(out))
   ref_state, ref_losses = run_single(teacher, student, [make_batch(s) for s in range(STEPS)])
   np.testing.assert_allclose(got.pop("losses"), ref_losses, rtol=1e-5)

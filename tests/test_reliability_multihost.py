@@ -8,23 +8,16 @@ report and export.
 from __future__ import annotations
 
 import signal
-import socket
-import subprocess
 import time
 
 import numpy as np
 import pytest
 
+from multihost_util import free_port, kill_all
 from test_reliability import (STEPS, cli_env, exported_params, finish, jax_cache, last_train_step,  # noqa: F401
                               loss_history, ok, run_cli, start_cli, tiny_gpt2, train_args, wait_for)
 
 PEER_TIMEOUT = 60  # seconds the survivor may take to notice a dead peer and exit
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _host_args(teacher, run_dir, port: int, pid: int, *extra: str) -> list[str]:
@@ -33,7 +26,7 @@ def _host_args(teacher, run_dir, port: int, pid: int, *extra: str) -> list[str]:
 
 
 def _launch(teacher, run_dir, tmp_path, jax_cache, tag: str, *extra: str):  # noqa: F811
-  port = _free_port()
+  port = free_port()
   env = cli_env(jax_cache, devices=2)
   logs = [tmp_path / f"{tag}_{pid}.log" for pid in range(2)]
   procs = [start_cli(_host_args(teacher, run_dir, port, pid, *extra), env, logs[pid]) for pid in range(2)]
@@ -52,10 +45,7 @@ def test_two_hosts_survive_a_killed_peer_and_match_one_host(tmp_path, tiny_gpt2,
     out0 = finish(procs[0], logs[0], timeout=PEER_TIMEOUT + 30)
     waited = time.monotonic() - t0
   finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
+    kill_all(procs)
   assert procs[0].returncode not in (0, None), out0[-3000:]
   assert waited < PEER_TIMEOUT, (waited, out0[-3000:])
   errors = [line for line in out0.splitlines() if line.startswith("distill-jax: error:")]
