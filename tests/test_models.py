@@ -63,13 +63,18 @@ def make_batch(family):
   return {"input_ids": ids, "attention_mask": mask}
 
 
-def torch_outputs(path, family, task, batch):
-  model = tiny._TASK_CLASSES[task].from_pretrained(path, attn_implementation="eager").eval()
+def torch_inputs(family, batch):
+  """`batch` for a PyTorch model, decoders with the positions of `make_batch`'s left padding."""
   kwargs = dict(input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(batch["attention_mask"]))
   if family not in tiny.ENCODER_FAMILIES:
     kwargs["position_ids"] = torch.tensor(np.maximum(np.cumsum(batch["attention_mask"], -1) - 1, 0))
+  return kwargs
+
+
+def torch_outputs(path, family, task, batch):
+  model = tiny._TASK_CLASSES[task].from_pretrained(path, attn_implementation="eager").eval()
   with torch.no_grad():
-    return model(**kwargs, output_hidden_states=True, output_attentions=True)
+    return model(**torch_inputs(family, batch), output_hidden_states=True, output_attentions=True)
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -169,32 +174,30 @@ def test_bfloat16_params_and_compute(checkpoint):
   assert diff.max() < 0.05
 
 
-def test_missing_weight_is_listed(checkpoint, tmp_path):
+def _copy_without(src, dest, weight):
+  """A copy of checkpoint `src` at `dest` whose safetensors lack the PyTorch-named `weight`."""
   import shutil
 
   import safetensors.numpy
 
-  src = checkpoint("bert", "masked_lm")
-  shutil.copytree(src, tmp_path / "ckpt")
+  shutil.copytree(src, dest)
   state = safetensors.numpy.load_file(src / "model.safetensors")
-  del state["bert.encoder.layer.1.attention.self.key.weight"]
-  safetensors.numpy.save_file(state, tmp_path / "ckpt" / "model.safetensors", metadata={"format": "pt"})
+  del state[weight]
+  safetensors.numpy.save_file(state, dest / "model.safetensors", metadata={"format": "pt"})
+  return dest
+
+
+def test_missing_weight_is_listed(checkpoint, tmp_path):
+  path = _copy_without(checkpoint("bert", "masked_lm"), tmp_path / "ckpt",
+                       "bert.encoder.layer.1.attention.self.key.weight")
   with pytest.raises(ValueError, match=r"checkpoint: .*bert/encoder/layer/1/attention/self/key/kernel"):
-    dm.load_model(tmp_path / "ckpt", task="masked_lm")
+    dm.load_model(path, task="masked_lm")
 
 
 def test_untied_llama_head_without_lm_head_is_an_error(checkpoint, tmp_path):
-  import shutil
-
-  import safetensors.numpy
-
-  src = checkpoint("llama", "causal_lm", False)
-  shutil.copytree(src, tmp_path / "ckpt")
-  state = safetensors.numpy.load_file(src / "model.safetensors")
-  del state["lm_head.weight"]
-  safetensors.numpy.save_file(state, tmp_path / "ckpt" / "model.safetensors", metadata={"format": "pt"})
+  path = _copy_without(checkpoint("llama", "causal_lm", False), tmp_path / "ckpt", "lm_head.weight")
   with pytest.raises(ValueError, match="lm_head/kernel"):
-    dm.load_model(tmp_path / "ckpt", task="causal_lm")
+    dm.load_model(path, task="causal_lm")
 
 
 def test_unused_weights_warn_and_head_into_base(checkpoint):

@@ -12,7 +12,7 @@ from flax.traverse_util import flatten_dict
 
 import tiny
 import distill_jax.models as dm
-from test_models import TOL, checkpoint, make_batch  # noqa: F401  (session fixture)
+from test_models import TOL, checkpoint, make_batch, torch_inputs  # noqa: F401  (session fixture)
 
 
 def _layer(params, family, i):
@@ -65,12 +65,8 @@ def test_save_pretrained_loads_in_pytorch(checkpoint, tmp_path, family, task):
   ours = student.apply(params, batch).logits
   pt, info = tiny._TASK_CLASSES[task].from_pretrained(out_dir, output_loading_info=True)
   assert not info["missing_keys"] and not info["mismatched_keys"], info
-  kwargs = {}
-  if family not in tiny.ENCODER_FAMILIES:
-    kwargs["position_ids"] = torch.tensor(np.maximum(np.cumsum(batch["attention_mask"], -1) - 1, 0))
   with torch.no_grad():
-    theirs = pt.eval()(input_ids=torch.tensor(batch["input_ids"]),
-                       attention_mask=torch.tensor(batch["attention_mask"]), **kwargs).logits.numpy()
+    theirs = pt.eval()(**torch_inputs(family, batch)).logits.numpy()
   valid = batch["attention_mask"].astype(bool)
   if task == "sequence_classification":
     np.testing.assert_allclose(ours, theirs, atol=TOL)
