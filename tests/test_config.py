@@ -219,6 +219,8 @@ BAD = [
     (["optimizer.learning_rate=0"], r"optimizer\.learning_rate must be > 0, got 0"),
     (["optimizer.clip_norm=-1"], r"optimizer\.clip_norm must be > 0 or null"),
     (["checkpoint.best_mode=lowest"], r"checkpoint\.best_mode must be one of min, max"),
+    (["checkpoint.keep_best=-1"], r"^config: checkpoint\.keep_best must be >= 0, got -1$"),
+    (["eval.throughput_batches=-2"], r"^config: eval\.throughput_batches must be >= 0, got -2$"),
     (["objective.terms[0].temperature_schedule={kind: linear, start: 2, end: 0}"],
      r"objective\.terms\[0\]\.temperature_schedule\.end must be > 0, got 0"),
     (["objective.terms[0].weight_schedule={kind: step}"],
