@@ -144,7 +144,7 @@ def _load_local(path: str, data_format: Optional[str], cache_dir: Optional[str])
       raise ValueError(f"data.format: mixed formats {sorted(kinds)} under {path!r}; use one")
     data_format = kinds.pop()
   # The config's finer names map onto `datasets`' builders (jsonl is json lines, tsv a tab CSV).
-  tab_separated = data_format == "tsv" or all(f.endswith(".tsv") for f in files)
+  tab_separated = data_format == "tsv" or all(os.path.splitext(f)[1].lower() == ".tsv" for f in files)
   data_format = {"jsonl": "json", "tsv": "csv"}.get(data_format, data_format)
   if data_format not in _BUILDERS:
     raise ValueError(f"data.format: unknown {data_format!r}; allowed: {', '.join(_BUILDERS + ('jsonl', 'tsv'))}")

@@ -48,6 +48,13 @@ def test_config_format_names_jsonl_and_tsv(tmp_path):
   assert ds["label"] == ["pos", "neg", "pos"]
 
 
+def test_tsv_suffix_in_any_case_is_tab_separated(tmp_path):
+  """The suffix picks the format case-insensitively; the tab delimiter must follow it."""
+  (tmp_path / "t.TSV").write_text("text\tlabel\n" + "".join(f"{r['text']}\t{r['label']}\n" for r in ROWS))
+  ds = data.load_texts(str(tmp_path / "t.TSV"), label_column="label", cache_dir=str(tmp_path / "c"))
+  assert ds["label"] == ["pos", "neg", "pos"]
+
+
 def test_directory_and_pairs(tmp_path):
   d = tmp_path / "dir"
   (d / "sub").mkdir(parents=True)
