@@ -208,8 +208,15 @@ def pool(hidden_BxTxH: jax.Array, mask_BxT: jax.Array, pooling: str) -> jax.Arra
   return total_BxH / jnp.maximum(jnp.sum(mask_BxTx1, axis=1), 1)
 
 
+def _layer_position(key: tuple[str, ...]) -> Optional[int]:
+  """Where in a param key its transformer layer index stands (`.../layer/3/...`), or None."""
+  return next((i for i, part in enumerate(key[:-1])
+               if part.isdigit() and i > 0 and key[i - 1] in ("layer", "layers", "h")), None)
+
+
 def _layer_index(key: tuple[str, ...]) -> int:
-  return next(int(part) for part in key if part.isdigit())
+  """The transformer layer a param or captured-intermediate key belongs to."""
+  return int(key[_layer_position(key)])
 
 
 def _split_projections(captured: dict, names: tuple[str, ...], hidden_size: int):
@@ -293,19 +300,12 @@ def model_from_config(config: Any, task: str = "causal_lm", *, tokenizer: Any = 
   return _make(module, hf.init_params(config, task, seed), config, tokenizer, task, dtype)
 
 
-def _layer_position(key: tuple[str, ...]) -> Optional[int]:
-  """Where in a param key its transformer layer index stands (`.../layer/3/...`), or None."""
-  return next((i for i, part in enumerate(key[:-1])
-               if part.isdigit() and i > 0 and key[i - 1] in ("layer", "layers", "h")), None)
-
-
 def _layer_container(params_flat: dict) -> dict[int, list[tuple[str, ...]]]:
   """0-based transformer layer index -> param keys of that layer."""
   layers: dict[int, list] = {}
   for key in params_flat:
-    pos = _layer_position(key)
-    if pos is not None:
-      layers.setdefault(int(key[pos]), []).append(key)
+    if _layer_position(key) is not None:
+      layers.setdefault(_layer_index(key), []).append(key)
   return layers
 
 
