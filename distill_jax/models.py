@@ -185,7 +185,7 @@ class Model:
       last_BxTxH = hf_out.last_hidden_state if self.task == "encoder" else hf_out.hidden_states[-1]
       result["pooled"] = pool(last_BxTxH, attention_mask, pooling)
     if capture:
-      queries, keys, values = _split_projections(captured, capture, self.hidden_size)
+      queries, keys, values = _split_projections(captured, capture)
       if "values" in want:
         result["values"] = values
       if "attention_scores" in want:
@@ -219,7 +219,7 @@ def _layer_index(key: tuple[str, ...]) -> int:
   return int(key[_layer_position(key)])
 
 
-def _split_projections(captured: dict, names: tuple[str, ...], hidden_size: int):
+def _split_projections(captured: dict, names: tuple[str, ...]):
   """Per-layer (queries, keys, values) `[B, T, H]` from captured projection outputs."""
   per_name = {name: {} for name in names}
   for key, value in captured.items():
