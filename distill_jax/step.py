@@ -276,7 +276,10 @@ def make_pmap_step(*, student_apply: ApplyFn, teacher_applies: Mapping[str, Appl
     size = _leading_size(batch)
     if size % n:
       raise ValueError(f"data.global_batch_size={size} is not divisible by the {n} pmap devices")
-    return {k: jnp.reshape(v, (n, size // n) + tuple(np.shape(v)[1:])) for k, v in batch.items()}
+    # A host batch stays on the host: pmap then copies each slice straight to its device
+    # (jnp.reshape would first copy all of it to the default device).
+    return {k: (v if isinstance(v, jax.Array) else np.asarray(v)).reshape((n, size // n) + np.shape(v)[1:])
+            for k, v in batch.items()}
 
   def train(state, teacher_params, batch):
     state, metrics = train_p(state, dict(teacher_params), split(batch))

@@ -99,7 +99,12 @@ class Run:
 
   @property
   def main_teacher(self) -> str:
-    return self.config.student.teacher or next(iter(self.config.teachers))
+    return _main_teacher(self.config)
+
+
+def _main_teacher(cfg: config_lib.Config) -> str:
+  """The teacher the student is compared with (and whose tokenizer the data uses)."""
+  return cfg.student.teacher or next(iter(cfg.teachers))
 
 
 def _load_teacher(name: str, tc: config_lib.TeacherConfig) -> Any:
@@ -190,8 +195,6 @@ def _no_attention_dropout(cfg: config_lib.Config, student: Any) -> Any:
 
 def _load_models(cfg: config_lib.Config) -> tuple[Any, dict[str, Any]]:
   """The student and the teachers by name (a "student" teacher is its frozen copy)."""
-  import dataclasses as dc
-
   teachers = {name: _load_teacher(name, tc) for name, tc in cfg.teachers.items()
               if tc.path != config_lib.SELF_TEACHER}
   student = _no_attention_dropout(cfg, _build_student(cfg, teachers))
@@ -200,7 +203,7 @@ def _load_models(cfg: config_lib.Config) -> tuple[Any, dict[str, Any]]:
       dtype = jnp.dtype(tc.param_dtype)
       frozen = jax.tree.map(lambda x: np.asarray(x).astype(dtype) if np.issubdtype(np.asarray(x).dtype, np.floating)
                             else np.asarray(x), student.params)
-      teachers[name] = dc.replace(student, params=frozen)
+      teachers[name] = dataclasses.replace(student, params=frozen)
   return student, teachers
 
 
@@ -259,7 +262,7 @@ def build_run(cfg: config_lib.Config, run_dir: pathlib.Path) -> Run:
   datasets.disable_progress_bars()
   student, teachers = _load_models(cfg)
   objective = objective_lib.build_objective(cfg.objective_terms(), student=student, teachers=teachers)
-  main = cfg.student.teacher or next(iter(cfg.teachers))
+  main = _main_teacher(cfg)
   shared_vocab = None
   if student.task in ("causal_lm", "masked_lm", "sequence_classification") and teachers[main].task == student.task:
     shared_vocab = models.check_vocab(teachers[main], student) if student.task != "sequence_classification" else None
@@ -332,6 +335,11 @@ def _place_batch(run: Run, batch: Mapping[str, np.ndarray]) -> dict:
   if run.mesh is None:
     return {k: np.asarray(v) for k, v in batch.items()}
   return sharding.shard_batch(batch, run.mesh)
+
+
+def _state_step(run: Run, state: Any) -> int:
+  """The state's step counter, read alone (unreplicating the whole pmap state would copy it)."""
+  return int(np.asarray(state.step[0] if run.mesh is None else state.step))
 
 
 def _student_params(run: Run, state: Any) -> Any:
@@ -428,7 +436,7 @@ def _eval_loss(run: Run, state: Any, max_batches: int) -> dict[str, float]:
       acc = totals.get(key, (0.0, 0.0))
       totals[key] = (acc[0] + _scalar(s), acc[1] + _scalar(c))
   out = {f"eval/{k}": (s / c if c else 0.0) for k, (s, c) in totals.items()}
-  step = int(np.asarray(_host_state(run, state).step))
+  step = _state_step(run, state)
   out["eval/loss"] = run.objective.loss_from_sums(totals, step) if totals else float("nan")
   return out
 
@@ -475,11 +483,10 @@ def _progress(cfg: config_lib.Config, start: int) -> Any:
 # --------------------------------------------------------------------------- the loop
 
 
-def _prepare_run_dir(cfg: config_lib.Config) -> tuple[pathlib.Path, Optional[dict]]:
+def _prepare_run_dir(cfg: config_lib.Config) -> pathlib.Path:
   """Checks a resumable run directory's config before anything is loaded or written."""
   run_dir = pathlib.Path(cfg.train.run_dir)
   saved_path = run_dir / CONFIG_FILE
-  saved = None
   if saved_path.exists() and cfg.checkpoint.resume:
     saved = config_lib.load_config(str(saved_path)).to_dict()
     diff = config_lib.shape_diff(saved, cfg)
@@ -493,7 +500,7 @@ def _prepare_run_dir(cfg: config_lib.Config) -> tuple[pathlib.Path, Optional[dic
     # A fresh run would silently keep the old run's steps (a step is never saved twice).
     raise ValueError(f"checkpoint.resume: false, but {ckpt_dir} holds another run's checkpoints; "
                      f"use a new train.run_dir")
-  return run_dir, saved
+  return run_dir
 
 
 def _checkpointer(cfg: config_lib.Config, run_dir: pathlib.Path) -> Any:
@@ -524,7 +531,7 @@ def train(cfg: config_lib.Config) -> RunResult:
     d = cfg.distributed
     distributed.initialize(d.coordinator, d.num_processes, d.process_id, heartbeat_timeout_s=d.heartbeat_timeout_s,
                            initialization_timeout_s=d.initialization_timeout_s)
-  run_dir, _ = _prepare_run_dir(cfg)
+  run_dir = _prepare_run_dir(cfg)
   _echo(config_lib.short_summary(cfg))
   t0 = time.perf_counter()
   run = build_run(cfg, run_dir)
@@ -554,19 +561,17 @@ def train(cfg: config_lib.Config) -> RunResult:
     _echo(f"resumed from the checkpoint of step {resumed_from}")
     if resumed_from < ckpt.latest_step():  # fell back past corrupted steps: set them aside
       ckpt = _set_aside_later_steps(cfg, run_dir, ckpt, resumed_from)
-  start = int(np.asarray(_host_state(run, state).step))
+  start = _state_step(run, state)
 
   before = _undistilled_eval(run, run_dir) if cfg.eval.before_and_after and _is_main() else None
   logger = _Logger(run_dir, cfg, start)
   bar = _progress(cfg, start)
+  monitor = _StepMonitor(cfg, logger, bar, ckpt)
   preempted = False
   step = start
-  nonfinite_run: list[int] = []
-  pending = None  # (step, metrics on device, tokens, t) of the previous step: fetched one step late
   nan_teacher = None
   nan_first, nan_count = cfg.train.debug_nonfinite_step, cfg.train.debug_nonfinite_count
   last_eval: dict[str, float] = {}
-  tokens_seen, t_window = 0, time.perf_counter()
   failed = True
   watchdog = distributed.PeerWatchdog(max(cfg.distributed.heartbeat_timeout_s / 2, 1.0),
                                       functools.partial(_lost_peer, ckpt)).start()
@@ -582,15 +587,7 @@ def train(cfg: config_lib.Config) -> RunResult:
         step += 1
         if cfg.train.debug_step_delay:  # test hook: a slow step, for signals in mid-loop
           time.sleep(cfg.train.debug_step_delay)
-        current = (step, metrics, _tokens(batch))
-        if pending is not None:
-          tokens_seen = _after_step(run, pending, logger, bar, nonfinite_run, tokens_seen, t_window, ckpt)
-        pending = current
-        if step % max(cfg.train.log_every, 1) == 0 or step == cfg.train.steps:
-          tokens_seen = _after_step(run, pending, logger, bar, nonfinite_run, tokens_seen, t_window, ckpt)
-          pending = None
-          t_window = time.perf_counter()
-          tokens_seen = 0
+        monitor.push(step, metrics, _tokens(batch))
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
           last_eval = _eval_loss(run, state, cfg.train.eval_batches)
           logger.log(step, last_eval)
@@ -599,11 +596,9 @@ def train(cfg: config_lib.Config) -> RunResult:
                           metrics=last_eval or None)
         # A collective on several processes: checked at the same steps everywhere, and only
         # every log_every steps there so that single-host runs alone pay it per step.
-        check = jax.process_count() == 1 or step % max(cfg.train.log_every, 1) == 0
+        check = jax.process_count() == 1 or step % monitor.log_every == 0
         if check and ckpt.should_stop(step, guard.requested):
-          if pending is not None:
-            _after_step(run, pending, logger, bar, nonfinite_run, tokens_seen, t_window, ckpt)
-            pending = None
+          monitor.flush()
           ckpt.maybe_save(step, _host_state(run, state), data_state=train_it.get_state(), config=config_json,
                           metrics=last_eval or None, force=True)
           ckpt.wait()
@@ -611,9 +606,6 @@ def train(cfg: config_lib.Config) -> RunResult:
           _echo(f"preempted: saved the checkpoint of step {step} in {ckpt.directory}; "
                 f"rerun the same command to resume")
           break
-      if pending is not None:
-        _after_step(run, pending, logger, bar, nonfinite_run, tokens_seen, t_window, ckpt)
-        pending = None
       if not preempted:
         last_eval = _eval_loss(run, state, cfg.train.eval_batches)
         logger.log(step, last_eval)
@@ -660,36 +652,62 @@ def _lost_peer(ckpt: Any, message: str) -> None:
   os._exit(3)  # pylint: disable=protected-access
 
 
-def _after_step(run: Run, pending: tuple, logger: _Logger, bar: Any, nonfinite_run: list[int], tokens_seen: int,
-                t_window: float, ckpt: Any) -> int:
-  """Fetches one step's metrics (a step late, so the device never waits), logs, checks NaNs."""
-  cfg = run.config
-  step, metrics, tokens = pending
-  tokens_seen += tokens
-  values = _finalize_metrics(jax.device_get(metrics), prefix="train/")
-  nonfinite = values.get("train/nonfinite", 0.0) > 0
-  if nonfinite:
-    nonfinite_run.append(step)
-    _echo(f"step {step}: non-finite loss or gradient; the update was skipped "
-          f"({len(nonfinite_run)} in a row)")
-  else:
-    nonfinite_run.clear()
-  if step % max(cfg.train.log_every, 1) == 0 or step == cfg.train.steps or nonfinite:
-    elapsed = max(time.perf_counter() - t_window, 1e-9)
-    values["train/tokens_per_s"] = tokens_seen / elapsed
-    logger.log(step, values)
+class _StepMonitor:
+  """Each step's metrics, fetched a step late so that the device never waits for the host.
+
+  Every step is checked for a non-finite loss (a run of ``train.max_nonfinite_steps`` in a
+  row stops training); the log cadence, the last step and non-finite steps are logged with
+  the tokens/s since the previous cadence step.  A cadence step is fetched at once.
+  """
+
+  def __init__(self, cfg: config_lib.Config, logger: _Logger, bar: Any, ckpt: Any):
+    self.cfg, self.logger, self.bar, self.ckpt = cfg, logger, bar, ckpt
+    self.log_every = max(cfg.train.log_every, 1)
+    self.pending: Optional[tuple[int, Any]] = None  # (step, metrics on device) of the previous step
+    self.nonfinite_run: list[int] = []
+    self.tokens, self.t_window = 0, time.perf_counter()
+
+  def _on_cadence(self, step: int) -> bool:
+    return step % self.log_every == 0 or step == self.cfg.train.steps
+
+  def push(self, step: int, metrics: Any, tokens: int) -> None:
+    """Takes the step just dispatched; handles the previous one (and this one on the cadence)."""
+    self.flush()
+    self.tokens += tokens
+    self.pending = (step, metrics)
+    if self._on_cadence(step):
+      self.flush()
+      self.tokens, self.t_window = 0, time.perf_counter()
+
+  def flush(self) -> None:
+    """Fetches, checks and logs the pending step, if any."""
+    if self.pending is None:
+      return
+    (step, metrics), self.pending = self.pending, None
+    cfg, bar = self.cfg, self.bar
+    values = _finalize_metrics(jax.device_get(metrics), prefix="train/")
+    nonfinite = values.get("train/nonfinite", 0.0) > 0
+    if nonfinite:
+      self.nonfinite_run.append(step)
+      _echo(f"step {step}: non-finite loss or gradient; the update was skipped "
+            f"({len(self.nonfinite_run)} in a row)")
+    else:
+      self.nonfinite_run.clear()
+    if self._on_cadence(step) or nonfinite:
+      elapsed = max(time.perf_counter() - self.t_window, 1e-9)
+      values["train/tokens_per_s"] = self.tokens / elapsed
+      self.logger.log(step, values)
+      if bar is not None:
+        bar.set_postfix(loss=f"{values['train/loss']:.4f}", tok_s=f"{values['train/tokens_per_s']:.0f}",
+                        refresh=False)
+    streak = self.nonfinite_run
+    if len(streak) >= cfg.train.max_nonfinite_steps:
+      steps = f"step {step}" if len(streak) == 1 else f"steps {streak[0]}..{step}"
+      raise TrainingError(f"train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}: the loss was non-finite at "
+                          f"{steps} ({len(streak)} consecutive, updates skipped); stopped, the last "
+                          f"checkpoint is step {self.ckpt.latest_step()} in {self.ckpt.directory}")
     if bar is not None:
-      bar.set_postfix(loss=f"{values['train/loss']:.4f}", tok_s=f"{values['train/tokens_per_s']:.0f}",
-                      refresh=False)
-  if len(nonfinite_run) >= cfg.train.max_nonfinite_steps:
-    last = ckpt.latest_step()
-    steps = f"step {step}" if len(nonfinite_run) == 1 else f"steps {nonfinite_run[0]}..{step}"
-    raise TrainingError(f"train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}: the loss was non-finite at "
-                        f"{steps} ({len(nonfinite_run)} consecutive, updates skipped); stopped, the last "
-                        f"checkpoint is step {last} in {ckpt.directory}")
-  if bar is not None:
-    bar.update(step - bar.n)
-  return tokens_seen
+      bar.update(step - bar.n)
 
 
 def _set_aside_later_steps(cfg: config_lib.Config, run_dir: pathlib.Path, ckpt: Any, good: int) -> Any:
