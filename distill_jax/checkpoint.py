@@ -33,7 +33,7 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -82,10 +82,6 @@ class CheckpointWriteError(CheckpointError):
 
 class CheckpointMismatchError(ValueError):
   """The saved state's structure or shapes differ from the state to restore into."""
-
-
-class IncompatibleConfigError(ValueError):
-  """Resuming under a config whose shape-defining fields differ."""
 
 
 def _first_line(exc: BaseException, limit: int = 300) -> str:
@@ -162,21 +158,7 @@ def _state_fingerprints(state: Any) -> dict[str, list[int]]:
   return result
 
 
-# ------------------------------------------------------------------ config check
-
-
-def _lookup(config: Any, dotted: str) -> Any:
-  node = config
-  for part in dotted.split("."):
-    if isinstance(node, Mapping):
-      if part not in node:
-        return None
-      node = node[part]
-    elif hasattr(node, part):
-      node = getattr(node, part)
-    else:
-      return None
-  return node
+# ------------------------------------------------------------------ config
 
 
 def _normalize(value: Any) -> Any:
@@ -188,36 +170,6 @@ def _normalize(value: Any) -> Any:
   if hasattr(value, "__dataclass_fields__"):
     return {k: _normalize(getattr(value, k)) for k in value.__dataclass_fields__}
   return value
-
-
-def check_compatible(saved_config: Any, new_config: Any, *, shape_keys: Sequence[str],
-                     source: str = "the checkpoint") -> None:
-  """Refuses to resume when a shape-defining config field changed.
-
-  Only the fields named in ``shape_keys`` are compared (dotted paths into nested
-  mappings or dataclasses; a path may name a whole sub-tree). Anything else —
-  the step budget, logging, eval cadence — may change between runs.
-
-  Args:
-    saved_config: the config stored with the checkpoint (JSON mapping).
-    new_config: the config of the run that wants to resume (mapping or dataclass).
-    shape_keys: dotted paths of the fields that define parameter shapes, e.g.
-      ``("model.student.num_layers", "model.student.hidden_size")``.
-    source: what ``saved_config`` came from, for the message.
-
-  Raises:
-    IncompatibleConfigError: naming every changed field with old and new values.
-  """
-  changes = []
-  for key in shape_keys:
-    old = _normalize(_lookup(saved_config, key))
-    new = _normalize(_lookup(new_config, key))
-    if old != new:
-      changes.append(f"{key}: {old!r} -> {new!r}")
-  if changes:
-    raise IncompatibleConfigError(
-        f"cannot resume from {source}: shape-defining config changed ({'; '.join(changes)});"
-        " use a new run directory or restore the old values")
 
 
 # ------------------------------------------------------------------ checkpointer
@@ -627,5 +579,5 @@ def abstract_like(state: Any) -> Any:
 __all__ = [
     "CHECKPOINT_DIR", "Checkpointer", "CheckpointError", "CheckpointNotFoundError",
     "CheckpointCorruptedError", "CheckpointWriteError", "CheckpointMismatchError",
-    "IncompatibleConfigError", "check_compatible", "export_student", "abstract_like",
+    "export_student", "abstract_like",
 ]

@@ -323,45 +323,6 @@ def test_invalid_options():
     ckpt.Checkpointer("/nonexistent", save_every=0)
 
 
-# ------------------------------------------------------------------ config compatibility
-
-
-def test_check_compatible_allows_budget_changes():
-  new = json.loads(json.dumps(CONFIG))
-  new["train"]["steps"] = 100
-  ckpt.check_compatible(CONFIG, new, shape_keys=["model.student.num_layers", "model.vocab"])
-
-
-def test_check_compatible_names_changed_fields():
-  new = {"model": {"student": {"num_layers": 3, "hidden": 16}}, "train": {"steps": 10}}
-  with pytest.raises(ckpt.IncompatibleConfigError) as info:
-    ckpt.check_compatible(CONFIG, new, shape_keys=["model.student.num_layers",
-                                                  "model.student.hidden", "train.steps"],
-                          source="run/checkpoints/10")
-  message = str(info.value)
-  assert "model.student.num_layers: 2 -> 3" in message
-  assert "model.student.hidden: 8 -> 16" in message
-  assert "train.steps" not in message and "run/checkpoints/10" in message
-  assert "\n" not in message
-
-
-def test_check_compatible_accepts_dataclasses_and_tuples():
-  import dataclasses  # pylint: disable=g-import-not-at-top
-
-  @dataclasses.dataclass(frozen=True)
-  class Student:
-    layer_map: tuple[int, ...]
-
-  @dataclasses.dataclass(frozen=True)
-  class Config:
-    student: Student
-
-  saved = {"student": {"layer_map": [0, 2]}}
-  ckpt.check_compatible(saved, Config(Student((0, 2))), shape_keys=["student"])
-  with pytest.raises(ValueError, match="student.layer_map"):
-    ckpt.check_compatible(saved, Config(Student((0, 3))), shape_keys=["student.layer_map"])
-
-
 # ------------------------------------------------------------------ export
 
 
