@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax import config as config_lib
+from distill_jax.distributed import is_main_process
 
 _LOG = logging.getLogger(__name__)
 
@@ -66,12 +67,8 @@ class RunResult:
   export_dir: Optional[str]
 
 
-def _is_main() -> bool:
-  return jax.process_index() == 0
-
-
 def _echo(message: str) -> None:
-  if _is_main():
+  if is_main_process():
     print(message, file=sys.stderr, flush=True)
 
 
@@ -376,7 +373,7 @@ class _Logger:
   """metrics.jsonl + TensorBoard (process 0 only)."""
 
   def __init__(self, run_dir: pathlib.Path, cfg: config_lib.Config, resume_step: int):
-    self.enabled = _is_main()
+    self.enabled = is_main_process()
     self.path = run_dir / METRICS_FILE
     self.rows: list[dict] = []
     self._tb = None
@@ -472,7 +469,7 @@ def _agreement(run: Run, student_params: Any) -> dict[str, float]:
 
 
 def _progress(cfg: config_lib.Config, start: int) -> Any:
-  if not (_is_main() and cfg.logging.progress_bar):
+  if not (is_main_process() and cfg.logging.progress_bar):
     return None
   from tqdm.auto import tqdm
 
@@ -540,7 +537,7 @@ def train(cfg: config_lib.Config) -> RunResult:
         f"{len(run.eval_examples.lengths)} validation examples, devices: {jax.device_count()} "
         f"({jax.devices()[0].platform})")
 
-  if _is_main():
+  if is_main_process():
     run_dir.mkdir(parents=True, exist_ok=True)
     config_lib.dump_yaml(cfg, str(run_dir / CONFIG_FILE))
   ckpt = _checkpointer(cfg, run_dir)
@@ -563,7 +560,7 @@ def train(cfg: config_lib.Config) -> RunResult:
       ckpt = _set_aside_later_steps(cfg, run_dir, ckpt, resumed_from)
   start = _state_step(run, state)
 
-  before = _undistilled_eval(run, run_dir) if cfg.eval.before_and_after and _is_main() else None
+  before = _undistilled_eval(run, run_dir) if cfg.eval.before_and_after and is_main_process() else None
   logger = _Logger(run_dir, cfg, start)
   bar = _progress(cfg, start)
   monitor = _StepMonitor(cfg, logger, bar, ckpt)
@@ -634,8 +631,8 @@ def train(cfg: config_lib.Config) -> RunResult:
   report = export_dir = None
   if not preempted:
     params = _student_params(run, state)  # a collective on several processes: every process gathers
-    export_dir = _export(run, params, run_dir) if cfg.export.enabled and _is_main() else None
-    if _is_main():
+    export_dir = _export(run, params, run_dir) if cfg.export.enabled and is_main_process() else None
+    if is_main_process():
       report = _final_report(run, params, run_dir, before, logger.rows, export_dir)
   _echo(f"done in {time.perf_counter() - t0:.1f}s")
   return RunResult(str(run_dir), step, resumed_from, preempted, tuple(logger.rows), report, export_dir)
@@ -720,7 +717,7 @@ def _set_aside_later_steps(cfg: config_lib.Config, run_dir: pathlib.Path, ckpt: 
 
   later = [s for s in ckpt.all_steps() if s > good]
   ckpt.close()
-  if _is_main():
+  if is_main_process():
     aside = run_dir / "checkpoints_corrupted"
     aside.mkdir(exist_ok=True)
     for s in later:
