@@ -107,27 +107,25 @@ def _path_name(path) -> str:
 
 
 def model_shape(params: Any, hf_cfg) -> ModelShape:
-  """Matmul parameter count: 2-D leaves except embedding tables, plus the unembedding.
+  """Matmul parameter count: every dense kernel (the stacked layers' too), plus the unembedding.
 
-  A tied head (BERT, GPT-2) has no leaf of its own: ``vocab x hidden`` is added.  An untied
-  head (Llama ``lm_head``) is a 2-D leaf and is counted as such.
+  A tied head (BERT, GPT-2, tied Llama) has no kernel of its own: ``vocab x hidden`` is
+  added.  An untied head (``lm_head``) is a kernel and is counted as such.
   """
   import jax
   import numpy as np
 
   vocab = int(hf_cfg.vocab_size)
-  hidden = int(getattr(hf_cfg, "hidden_size", None) or hf_cfg.n_embd)
+  hidden = int(hf_cfg.hidden_size)
   total, head = 0, False
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    name = _path_name(path)
-    if np.ndim(leaf) != 2 or "embed" in name or "wte" in name or "wpe" in name:
+    if not _path_name(path).endswith("kernel"):
       continue
     total += int(np.size(leaf))
     head |= vocab in np.shape(leaf)
   if not head:
     total += vocab * hidden
-  layers = int(getattr(hf_cfg, "num_hidden_layers", None) or hf_cfg.n_layer)
-  return ModelShape(total, layers, hidden)
+  return ModelShape(total, int(hf_cfg.num_hidden_layers), hidden)
 
 
 def step_flops(teacher: ModelShape, student: ModelShape, batch: int, seq: int) -> dict:

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The accelerator suite, in one command, under 8 minutes on one H100/H200; JSON to $OUT.
+# The accelerator suite, in one command, under 10 minutes on one H100/H200; JSON to $OUT.
 #
 #   bash benchmarks/gpu.sh            # on the device machine, from the repo root, with .whl carried
 #
-# Needs the wheels of ../shared/device/prepare-wheels.sh in .whl/ (transformers 4 with the
-# Flax classes; the machine's image has jax, flax, optax and torch).  Every run has its own
-# time limit so one slow piece cannot eat the others; a failure is logged and the rest go on.
+# Needs the wheels of ../shared/device/prepare-wheels.sh in .whl/ (datasets, grain, ...; the
+# machine's image has jax, flax, optax, torch and transformers 5, which our own models need
+# only for configs and tokenizers).  Every run has its own time limit so one slow piece
+# cannot eat the others; a failure is logged and the rest go on.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench_out}
@@ -36,6 +37,10 @@ run 90 step_bert  $PY benchmarks/step.py --preset bert-base --modes jit,sharded,
   --steps 20 --warmup 3 --out "$OUT/step_bert.json"
 run 120 step_gpt2  $PY benchmarks/step.py --preset gpt2 --modes jit,sharded,pmap --dtypes float32,bfloat16 \
   --steps 20 --warmup 3 --out "$OUT/step_gpt2.json"
+run 90 step_llama1b $PY benchmarks/step.py --preset llama-1b --modes jit --dtypes bfloat16 --remat dots \
+  --steps 10 --warmup 2 --out "$OUT/step_llama1b.json"
+run 60 compile_depth $PY benchmarks/step.py --preset gpt2 --teacher-layers 6,24 --modes jit --dtypes bfloat16 \
+  --steps 3 --warmup 1 --out "$OUT/compile_depth.json"
 run 55 torch_bert_f32  $PY benchmarks/torch_reference.py --preset bert-base --dtype float32 --steps 20 --warmup 3 \
   --out "$OUT/torch_bert_f32.json"
 run 55 torch_bert_bf16 $PY benchmarks/torch_reference.py --preset bert-base --dtype bfloat16 --steps 20 --warmup 3 \

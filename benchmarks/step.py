@@ -38,14 +38,15 @@ import common  # noqa: E402
 TERMS = ({"loss": "forward_kl", "temperature": 2.0}, {"loss": "hidden_mse", "layers": "last"})
 MODES = ("jit", "sharded", "pmap")
 DTYPES = ("float32", "bfloat16")
-COLUMNS = ("preset", "mode", "dtype", "devices", "batch", "seq", "step_ms", "tokens_per_s", "lower_s", "compile_s",
+COLUMNS = ("preset", "layers", "mode", "dtype", "devices", "batch", "seq", "step_ms", "tokens_per_s", "lower_s", "compile_s",
            "peak_mem_MiB", "mfu_pct", "peak_TFLOPs")
 
 
 class Setup:
   """Teacher, student, objective, optimizer and a host batch for one preset and dtype."""
 
-  def __init__(self, preset: common.Preset, dtype: str, *, batch: int, seq: int, seed: int = 0):
+  def __init__(self, preset: common.Preset, dtype: str, *, batch: int, seq: int, seed: int = 0,
+               teacher_layers: int | None = None, remat: str = "none"):
     import jax
     import jax.numpy as jnp
 
@@ -55,8 +56,11 @@ class Setup:
 
     self.preset, self.dtype, self.batch_size, self.seq = preset, dtype, batch, seq
     self.hf_config = common.hf_config(preset)
+    if teacher_layers is not None:
+      self.hf_config.num_hidden_layers = teacher_layers
     self.teacher = models.model_from_config(self.hf_config, preset.task, seed=seed, dtype=dtype)
-    self.student = models.init_student(self.teacher, num_layers=preset.student_layers, seed=seed + 1)
+    self.student = models.init_student(self.teacher, num_layers=min(preset.student_layers, self.teacher.num_layers),
+                                       seed=seed + 1, remat=remat)
     teacher_params = self.teacher.params
     if dtype != "float32":
       teacher_params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
@@ -68,6 +72,7 @@ class Setup:
     self.batch = common.random_batch(batch, seq, int(self.hf_config.vocab_size), seed)
     self.flops = common.step_flops(common.model_shape(self.teacher.params, self.hf_config),
                                    common.model_shape(self.student.params, self.student.hf_config), batch, seq)
+    self.teacher_layers = self.teacher.num_layers
 
   def step_kwargs(self) -> dict:
     return dict(student_apply=self.student.apply, teacher_applies={"teacher": self.teacher.apply},
@@ -193,7 +198,7 @@ def result_row(setup: Setup, runner: JaxRunner, times: list[float], peak: float,
   cpu = jax.devices()[0].platform == "cpu"
   total_peak = peak if cpu else peak * runner.devices
   mem = runner.memory.get("peak_estimate_bytes")
-  return {"preset": setup.preset.name, "mode": runner.mode, "dtype": setup.dtype, "devices": runner.devices,
+  return {"preset": setup.preset.name, "layers": setup.teacher_layers, "mode": runner.mode, "dtype": setup.dtype, "devices": runner.devices,
           "batch": setup.batch_size, "seq": setup.seq, "step_ms": 1e3 * step_s,
           "tokens_per_s": setup.flops["tokens"] / step_s, "lower_s": runner.lower_s, "compile_s": runner.compile_s,
           "peak_mem_MiB": mem / 2**20 if mem is not None else "n/a",
@@ -213,6 +218,9 @@ def parse_args(argv=None, description: str = __doc__):
   parser.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
   parser.add_argument("--out", default=None, help="write JSON results here")
+  parser.add_argument("--teacher-layers", default=None,
+                      help="comma list of teacher depths (default: the preset's); compile time vs depth")
+  parser.add_argument("--remat", default="none", help="the student's remat policy: none, full, dots")
   parser.add_argument("--breakdown", action="store_true", help="also time teacher fwd / student fwd+bwd / optimizer")
   parser.add_argument("--profile", default=None, help="write a jax.profiler trace of 3 steps of the first mode here")
   parser.add_argument("--dump-hlo", default=None, help="write the first mode's optimized HLO text here")
@@ -231,37 +239,48 @@ def main(argv=None) -> dict:
     if dtype not in DTYPES:
       raise SystemExit(f"--dtypes: unknown {dtype!r}; allowed: {', '.join(DTYPES)}")
     peak, peak_source = common.device_peak(dtype)
-    setup = Setup(preset, dtype, batch=batch, seq=seq)
-    if args.breakdown:
-      parts = breakdown(setup, args.steps)
-      print(common.markdown_table([dict(preset=preset.name, dtype=dtype, batch=batch, seq=seq, **parts)],
-                                  ("preset", "dtype", "batch", "seq", *parts)), flush=True)
-      payload.setdefault("breakdown_ms", {})[dtype] = parts
-    for mode in args.modes.split(","):
-      runner = JaxRunner(setup, mode)
-      for _ in range(args.warmup):
-        runner.step()
-      times = common.time_calls(runner.step, args.steps)
-      if jax.devices()[0].platform == "cpu":  # load drifts: the best of before and after the steps
-        peak = max(peak, common.matmul_peak(dtype))
-      row = result_row(setup, runner, times, peak, peak_source)
-      if args.profile and not rows:
-        with jax.profiler.trace(args.profile):
-          for _ in range(3):
-            runner.step()
-      if args.dump_hlo and not rows:
-        with open(args.dump_hlo, "w") as f:
-          f.write(runner.compiled.as_text())
-      rows.append(row)
-      print(common.markdown_table([row], COLUMNS).splitlines()[-1], flush=True)
-      common.write_json(args.out, dict(payload, results=rows))  # after every row: a timeout keeps the rest
-      del runner
+    for depth in (args.teacher_layers.split(",") if args.teacher_layers else [None]):
+      setup = Setup(preset, dtype, batch=batch, seq=seq, remat=args.remat,
+                    teacher_layers=None if depth is None else int(depth))
+      peak = _run_setup(args, setup, rows, payload, peak, peak_source)
   print()
   print(common.markdown_table(rows, COLUMNS))
   print(f"\npeak: {rows[0]['peak_source']}; FLOPs/step {rows[0]['flops_per_step']:.4g} "
         f"(N_teacher={rows[0]['n_teacher']:,}, N_student={rows[0]['n_student']:,}); "
         f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}")
   return payload
+
+
+def _run_setup(args, setup: Setup, rows: list, payload: dict, peak: float, peak_source: str) -> float:
+  """Times every mode of `args.modes` on `setup`, appending a row each; returns the updated peak."""
+  import jax
+
+  dtype, preset, batch, seq = setup.dtype, setup.preset, setup.batch_size, setup.seq
+  if args.breakdown:
+    parts = breakdown(setup, args.steps)
+    print(common.markdown_table([dict(preset=preset.name, dtype=dtype, batch=batch, seq=seq, **parts)],
+                                ("preset", "dtype", "batch", "seq", *parts)), flush=True)
+    payload.setdefault("breakdown_ms", {})[dtype] = parts
+  for mode in args.modes.split(","):
+    runner = JaxRunner(setup, mode)
+    for _ in range(args.warmup):
+      runner.step()
+    times = common.time_calls(runner.step, args.steps)
+    if jax.devices()[0].platform == "cpu":  # load drifts: the best of before and after the steps
+      peak = max(peak, common.matmul_peak(dtype))
+    row = result_row(setup, runner, times, peak, peak_source)
+    if args.profile and not rows:
+      with jax.profiler.trace(args.profile):
+        for _ in range(3):
+          runner.step()
+    if args.dump_hlo and not rows:
+      with open(args.dump_hlo, "w") as f:
+        f.write(runner.compiled.as_text())
+    rows.append(row)
+    print(common.markdown_table([row], COLUMNS).splitlines()[-1], flush=True)
+    common.write_json(args.out, dict(payload, results=rows))  # after every row: a timeout keeps the rest
+    del runner
+  return peak
 
 
 if __name__ == "__main__":

@@ -160,6 +160,8 @@ class StudentConfig(_Section):
     dtype: compute dtype.
     param_dtype: dtype of the trained weights (keep ``float32`` for mixed precision).
     seed: seed of random initialization (``None``: ``train.seed``).
+    remat: what the student's layer scan keeps for the backward pass: ``none`` (every
+      activation), ``full`` (nothing: each layer is recomputed) or ``dots`` (matmul outputs).
   """
 
   _SECTION = "student"
@@ -176,6 +178,7 @@ class StudentConfig(_Section):
   dtype: DType = "float32"
   param_dtype: DType = "float32"
   seed: Optional[int] = None
+  remat: Literal["none", "full", "dots"] = "none"
 
   def _validate(self, prefix: str) -> None:
     p = lambda name: _join(prefix, name)  # noqa: E731
@@ -552,6 +555,8 @@ class MeshConfig(_Section):
     data: size of the ``data`` axis (``-1``: all devices left over by ``fsdp``).
     fsdp: size of the ``fsdp`` axis (params sharded over it; ``-1``: all devices left
       over by ``data``). Must be 1 with ``pmap``.
+    tensor: size of the ``tensor`` axis (attention heads, MLP width and vocabulary of the
+      models split over it). Must be 1 with ``pmap``.
   """
 
   _SECTION = "mesh"
@@ -559,8 +564,13 @@ class MeshConfig(_Section):
   mode: Literal["jit", "pmap"] = "jit"
   data: int = -1
   fsdp: int = 1
+  tensor: int = 1
 
   def _validate(self, prefix: str) -> None:
+    if self.tensor < 1:
+      _fail(f"{_join(prefix, 'tensor')} must be >= 1, got {self.tensor}")
+    if self.mode == "pmap" and self.tensor != 1:
+      _fail(f"{_join(prefix, 'tensor')} must be 1 when {_join(prefix, 'mode')} is pmap, got {self.tensor}")
     for name in ("data", "fsdp"):
       value = getattr(self, name)
       if value != -1 and value < 1:
@@ -1348,7 +1358,7 @@ def short_summary(config: Config) -> str:
       f"data:      {data}, max_length {d.max_length}, global batch {d.global_batch_size}",
       f"train:     {tr.steps} steps, {o.name} lr {o.learning_rate:g} ({o.schedule}, warmup "
       f"{o.warmup_steps}), seed {tr.seed}, run_dir {tr.run_dir}",
-      f"mesh:      {m.mode} data={m.data} fsdp={m.fsdp}"
+      f"mesh:      {m.mode} data={m.data} fsdp={m.fsdp} tensor={m.tensor}"
       + (f", {config.distributed.num_processes or 'auto'} processes"
          if config.distributed.enabled else ""),
   ])

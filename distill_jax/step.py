@@ -158,14 +158,19 @@ class JitStep(NamedTuple):
   mesh: Mesh
 
 
-def state_shardings(state_shapes: Any, mesh: Mesh, *, min_shard_size: int = sharding_lib.DEFAULT_MIN_SHARD_SIZE):
-  """Shardings of a `TrainState` (or its `jax.eval_shape`) by the fsdp size rule."""
-  return sharding_lib.param_shardings(state_shapes, mesh, min_size=min_shard_size)
+def state_shardings(state_shapes: Any, mesh: Mesh, *, min_shard_size: int = sharding_lib.DEFAULT_MIN_SHARD_SIZE,
+                    logical: Optional[Mapping] = None):
+  """Shardings of a `TrainState` (or its `jax.eval_shape`): logical names, else the fsdp size rule.
+
+  `logical` maps student param paths (under ``"student"``) to logical axis names.
+  """
+  return sharding_lib.param_shardings(state_shapes, mesh, min_size=min_shard_size, logical=logical)
 
 
 def init_sharded_state(student_params: Any, optimizer: optax.GradientTransformation, mesh: Mesh, *,
                        projection_params: Any = None, seed: int = 0,
-                       min_shard_size: int = sharding_lib.DEFAULT_MIN_SHARD_SIZE) -> TrainState:
+                       min_shard_size: int = sharding_lib.DEFAULT_MIN_SHARD_SIZE,
+                       logical: Optional[Mapping] = None) -> TrainState:
   """Creates the `TrainState` directly in its sharded layout.
 
   Shapes come from `jax.eval_shape`; the params are placed shard by shard (each process
@@ -179,38 +184,45 @@ def init_sharded_state(student_params: Any, optimizer: optax.GradientTransformat
     return init(student, projection_params=projections)
 
   shapes = jax.eval_shape(init_fn, student_params, projection_params)
-  shardings = state_shardings(shapes, mesh, min_shard_size=min_shard_size)
+  shardings = state_shardings(shapes, mesh, min_shard_size=min_shard_size, logical=logical)
   student = sharding_lib.put_global(student_params, shardings.params["student"])
   projections = sharding_lib.put_global(projection_params, shardings.params["projections"])
   return jax.jit(init_fn, out_shardings=shardings)(student, projections)
 
 
 def shard_teacher_params(teacher_params: Mapping[str, Any], mesh: Mesh, *,
-                         min_shard_size: int = sharding_lib.DEFAULT_MIN_SHARD_SIZE) -> dict[str, Any]:
-  """Places each teacher's params on the mesh, sharded over ``fsdp`` by the same size rule."""
-  shardings = sharding_lib.param_shardings(dict(teacher_params), mesh, min_size=min_shard_size)
+                         min_shard_size: int = sharding_lib.DEFAULT_MIN_SHARD_SIZE,
+                         logical: Optional[Mapping] = None) -> dict[str, Any]:
+  """Places each teacher's params on the mesh by the same rules as the student's.
+
+  `logical` maps teacher param paths (under the teacher's name) to logical axis names.
+  """
+  shardings = sharding_lib.param_shardings(dict(teacher_params), mesh, min_size=min_shard_size, logical=logical)
   return sharding_lib.put_global(dict(teacher_params), shardings)
 
 
 def make_jit_step(*, student_apply: ApplyFn, teacher_applies: Mapping[str, ApplyFn], objective,
                   optimizer: optax.GradientTransformation, mesh: Mesh, state: Any, teacher_params: Mapping[str, Any],
                   batch_transform: Optional[BatchTransform] = None,
-                  min_shard_size: int = sharding_lib.DEFAULT_MIN_SHARD_SIZE) -> JitStep:
+                  min_shard_size: int = sharding_lib.DEFAULT_MIN_SHARD_SIZE,
+                  logical: Optional[Mapping] = None) -> JitStep:
   """Binds `train_step`/`eval_step` and jits them with `NamedSharding`s on ``mesh``.
 
   Args:
     student_apply, teacher_applies, objective, optimizer, batch_transform: as in `train_step`.
-    mesh: a ``("data", "fsdp")`` mesh from `sharding.make_mesh`.
+    mesh: a ``("data", "fsdp", "tensor")`` mesh from `sharding.make_mesh`.
     state: the state or its `jax.eval_shape` (only shapes are read).
     teacher_params: the teacher params or their shapes (only shapes are read).
     min_shard_size: leaves smaller than this are replicated.
+    logical: param paths (``("student", ...)``, ``(teacher_name, ...)``) -> logical axis names.
 
   Returns:
     A `JitStep`.
   """
-  state_sharding = state_shardings(jax.eval_shape(lambda s: s, state), mesh, min_shard_size=min_shard_size)
+  state_sharding = state_shardings(jax.eval_shape(lambda s: s, state), mesh, min_shard_size=min_shard_size,
+                                   logical=logical)
   teacher_sharding = sharding_lib.param_shardings(jax.eval_shape(lambda t: t, dict(teacher_params)), mesh,
-                                                  min_size=min_shard_size)
+                                                  min_size=min_shard_size, logical=logical)
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
   common = dict(student_apply=student_apply, teacher_applies=teacher_applies, objective=objective,

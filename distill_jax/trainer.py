@@ -135,7 +135,8 @@ def _build_student(cfg: config_lib.Config, teachers: Mapping[str, Any]) -> Any:
     path = config_lib.resolve_model_path(s.path, "student.path")
     task = s.task or (teachers[source_name].task if source_name else "causal_lm")
     with _naming("student.path"):
-      return models.load_model(path, task, dtype=s.dtype, param_dtype="float32", num_labels=s.num_labels)
+      return models.load_model(path, task, dtype=s.dtype, param_dtype="float32", num_labels=s.num_labels,
+                               remat=s.remat)
   if source_name is None:
     raise ValueError("student.init: self-distillation needs student.init=path (a checkpoint to start from)")
   teacher = teachers[source_name]
@@ -144,35 +145,28 @@ def _build_student(cfg: config_lib.Config, teachers: Mapping[str, Any]) -> Any:
     if s.num_labels is not None:
       overrides["num_labels"] = s.num_labels
     student = models.init_student(teacher, s.num_layers, layers=s.layers or None, hidden_size=s.hidden_size,
-                                  seed=seed, dtype=s.dtype, **overrides)
+                                  seed=seed, dtype=s.dtype, remat=s.remat, **overrides)
   else:  # "config": a fresh init of the teacher's config with overrides
     overrides = dict(s.config)
     if s.num_layers is not None:
-      overrides.setdefault(_layers_key(teacher.hf_config), s.num_layers)
+      overrides.setdefault("num_hidden_layers", s.num_layers)
     if s.hidden_size is not None:
       overrides.setdefault("hidden_size", s.hidden_size)
     student = models.model_from_config(teacher.hf_config.to_dict(), s.task or teacher.task,
-                                       tokenizer=teacher.tokenizer, seed=seed, dtype=s.dtype, **overrides)
+                                       tokenizer=teacher.tokenizer, seed=seed, dtype=s.dtype,
+                                       remat=s.remat, source=teacher.source, **overrides)
   return student
 
 
-def _layers_key(hf_config: Any) -> str:
-  for key in ("num_hidden_layers", "n_layer", "n_layers", "num_layers"):
-    if hasattr(hf_config, key):
-      return key
-  return "num_hidden_layers"
-
-
-# Attention-dropout rates by HF config name (BERT/RoBERTa, DistilBERT/Llama/OPT, GPT-2).
+# Attention-dropout rates by HF config name (BERT/RoBERTa, DistilBERT/Llama, GPT-2).
 _ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
 
 
 def _no_attention_dropout(cfg: config_lib.Config, student: Any) -> Any:
   """Turns off the student's attention dropout when a term matches attention probabilities.
 
-  transformers' attention modules return the probabilities *after* dropout, so with it
-  a KL to the teacher's probabilities would compare against rows with zeroed entries
-  (a large, meaningless loss).  Hidden-state dropout is kept.
+  With dropout on the probabilities, a KL to the teacher's probabilities would compare
+  against rows with zeroed entries (a large, meaningless loss).  Hidden-state dropout is kept.
   """
   from distill_jax import objective as objective_lib
 
@@ -181,13 +175,8 @@ def _no_attention_dropout(cfg: config_lib.Config, student: Any) -> Any:
   keys = [k for k in _ATTENTION_DROPOUT_KEYS if getattr(student.hf_config, k, 0.0)]
   if not (needs and keys):
     return student
-  import copy
-
-  hf_config = copy.deepcopy(student.hf_config)
-  for key in keys:
-    setattr(hf_config, key, 0.0)
   _LOG.info("student: attention dropout off (%s) because a term matches attention probabilities", ", ".join(keys))
-  return dataclasses.replace(student, module=student.module.clone(config=hf_config), hf_config=hf_config)
+  return student.with_config(**{key: 0.0 for key in keys})
 
 
 def _load_models(cfg: config_lib.Config) -> tuple[Any, dict[str, Any]]:
@@ -267,7 +256,7 @@ def build_run(cfg: config_lib.Config, run_dir: pathlib.Path) -> Run:
   train_ex, eval_ex = _load_data(cfg, tokenizer, student.task, run_dir)
   transform = _batch_transform(cfg, student.task, tokenizer, train_ex, shared_vocab or student.vocab_size, main)
 
-  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp) if cfg.mesh.mode == "jit" else None
+  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) if cfg.mesh.mode == "jit" else None
   devices = jax.devices() if mesh is None else list(mesh.devices.flat)
   if cfg.data.global_batch_size % len(devices):
     raise ValueError(f"data.global_batch_size={cfg.data.global_batch_size} is not divisible by the "
@@ -288,9 +277,12 @@ def build_run(cfg: config_lib.Config, run_dir: pathlib.Path) -> Run:
   step_kw = dict(student_apply=student.apply, teacher_applies=teacher_applies, objective=objective,
                  optimizer=optimizer, batch_transform=transform)
   if mesh is not None:
-    state = step_lib.init_sharded_state(student.params, optimizer, mesh, projection_params=projections, seed=seed)
-    t_params = step_lib.shard_teacher_params({n: t.params for n, t in teachers.items()}, mesh)
-    step_fn = step_lib.make_jit_step(mesh=mesh, state=state, teacher_params=t_params, **step_kw)
+    logical = {(name,) + path: names for name, model in {**teachers, "student": student}.items()
+               for path, names in models.logical_axes(model).items()}
+    state = step_lib.init_sharded_state(student.params, optimizer, mesh, projection_params=projections, seed=seed,
+                                        logical=logical)
+    t_params = step_lib.shard_teacher_params({n: t.params for n, t in teachers.items()}, mesh, logical=logical)
+    step_fn = step_lib.make_jit_step(mesh=mesh, state=state, teacher_params=t_params, logical=logical, **step_kw)
   else:
     state = step_lib.replicate(state_lib.create_train_state(student.params, optimizer,
                                                             projection_params=projections, seed=seed))

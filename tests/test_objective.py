@@ -77,9 +77,9 @@ def test_build_errors(models, tmp_path):
     with pytest.raises(ValueError, match=match) as info:
       objective_lib.build_objective(terms, student=student, teachers=teachers)
     assert "\n" not in str(info.value)
-  neo = dj.load_model(tiny.make_checkpoint(tmp_path / "neo", "gpt_neo", "causal_lm"), "causal_lm")
-  with pytest.raises(ValueError, match=r"terms\[0\]\.loss: value_relation needs values .*gpt_neo"):
-    objective_lib.build_objective([{"loss": "value_relation"}], student=neo, teachers={"teacher": neo})
+  base = dj.load_model(tiny.make_checkpoint(tmp_path / "base", "gpt2", "encoder"), "encoder")
+  with pytest.raises(ValueError, match=r"terms\[0\]\.loss: forward_kl needs logits .*gpt2"):
+    objective_lib.build_objective([{"loss": "forward_kl"}], student=base, teachers={"teacher": base})
 
 
 def test_outputs_for_only_what_terms_need(models):

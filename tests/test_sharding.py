@@ -1,4 +1,4 @@
-"""Mesh construction, the fsdp size rule and batch placement."""
+"""Mesh construction, logical-axis and size rules, and batch placement."""
 
 from __future__ import annotations
 
@@ -25,11 +25,27 @@ def test_param_spec(shape, fsdp, min_size, spec):
 
 
 def test_make_mesh_shapes():
-  assert dict(sharding_lib.make_mesh().shape) == {"data": 8, "fsdp": 1}
-  assert dict(sharding_lib.make_mesh(-1, 2).shape) == {"data": 4, "fsdp": 2}
-  assert dict(sharding_lib.make_mesh(2, 2, devices=jax.devices()[:4]).shape) == {"data": 2, "fsdp": 2}
-  with pytest.raises(ValueError, match=r"mesh\.fsdp=3 does not divide the 8 devices"):
+  assert dict(sharding_lib.make_mesh().shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert dict(sharding_lib.make_mesh(-1, 2).shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+  assert dict(sharding_lib.make_mesh(-1, 2, 2).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert dict(sharding_lib.make_mesh(2, 2, devices=jax.devices()[:4]).shape) == {"data": 2, "fsdp": 2, "tensor": 1}
+  with pytest.raises(ValueError, match=r"mesh\.fsdp × mesh\.tensor = 3×1 does not divide the 8 devices"):
     sharding_lib.make_mesh(-1, 3)
+  with pytest.raises(ValueError, match=r"mesh\.data × mesh\.fsdp × mesh\.tensor = 2×2×4"):
+    sharding_lib.make_mesh(2, 2, 4)
+
+
+@pytest.mark.parametrize("names, shape, spec", [
+    (("layers", "embed", "mlp"), (3, 64, 128), P(None, "fsdp", "tensor")),
+    (("vocab", "embed"), (384, 64), P("tensor", "fsdp")),
+    (("layers", "embed", "kv_heads", "head_dim"), (3, 64, 1, 16), P(None, "fsdp", None, None)),  # 1 head: kept
+    (("embed", "mlp"), (63, 128), P(None, "tensor")),       # not divisible by fsdp: replicated there
+    (("mlp", "embed"), (128, 64), P("tensor", "fsdp")),
+    (("embed",), (64,), P("fsdp")),
+])
+def test_logical_spec(names, shape, spec):
+  mesh = sharding_lib.make_mesh(2, 2, 2)
+  assert sharding_lib.logical_spec(names, shape, mesh) == spec
 
 
 def test_shard_batch_splits_rows_over_both_axes():
@@ -51,6 +67,19 @@ def test_state_shardings_follow_params():
   shapes = jax.tree.leaves(jax.eval_shape(lambda: state.opt_state))
   specs = [s.spec for s, x in zip(jax.tree.leaves(shardings.opt_state), shapes) if x.shape == (64, 32)]
   assert len(specs) == 2 and all(spec == P("fsdp", None) for spec in specs)
+
+
+def test_logical_names_place_params_and_their_adam_moments():
+  mesh = sharding_lib.make_mesh(2, 2, 2)
+  params = {"layers": {"up": {"kernel": np.zeros((2, 64, 128), np.float32)}}, "w": np.zeros((64, 32), np.float32)}
+  state = state_lib.create_train_state(params, state_lib.make_optimizer("adamw", 1e-3, schedule="constant"))
+  logical = {("student", "layers", "up", "kernel"): ("layers", "embed", "mlp")}
+  shardings = sharding_lib.param_shardings(jax.eval_shape(lambda: state), mesh, min_size=1, logical=logical)
+  assert shardings.params["student"]["layers"]["up"]["kernel"].spec == P(None, "fsdp", "tensor")
+  assert shardings.params["student"]["w"].spec == P("fsdp", None)  # no names: the size rule
+  shapes = jax.tree.leaves(jax.eval_shape(lambda: state.opt_state))
+  specs = [s.spec for s, x in zip(jax.tree.leaves(shardings.opt_state), shapes) if x.shape == (2, 64, 128)]
+  assert len(specs) == 2 and all(spec == P(None, "fsdp", "tensor") for spec in specs)
 
 
 def test_decay_mask_and_optimizer_errors():

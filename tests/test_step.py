@@ -78,13 +78,15 @@ def run_single(teacher, student, batches, **problem_kw):
   return state, losses
 
 
-def run_mesh(teacher, student, batches, data, fsdp):
+def run_mesh(teacher, student, batches, data, fsdp, tensor=1, logical=None):
   objective, optimizer, kw, projections = problem(teacher, student)
-  mesh = sharding_lib.make_mesh(data, fsdp)
+  mesh = sharding_lib.make_mesh(data, fsdp, tensor)
   state = step_lib.init_sharded_state(student.params, optimizer, mesh, projection_params=projections,
-                                      min_shard_size=256)
-  teacher_params = step_lib.shard_teacher_params({"teacher": teacher.params}, mesh, min_shard_size=256)
-  jstep = step_lib.make_jit_step(mesh=mesh, state=state, teacher_params=teacher_params, min_shard_size=256, **kw)
+                                      min_shard_size=256, logical=logical)
+  teacher_params = step_lib.shard_teacher_params({"teacher": teacher.params}, mesh, min_shard_size=256,
+                                                 logical=logical)
+  jstep = step_lib.make_jit_step(mesh=mesh, state=state, teacher_params=teacher_params, min_shard_size=256,
+                                 logical=logical, **kw)
   losses = []
   for batch in batches:
     state, metrics = jstep.train(state, teacher_params, sharding_lib.shard_batch(batch, mesh))
@@ -124,6 +126,23 @@ def test_single_device_jit_mesh_and_pmap_agree(pair):
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   assert_close(state.params, ref_state.params)
   assert int(state.step) == 3
+
+
+def test_tensor_parallel_mesh_agrees_and_shards_the_teacher(pair):
+  """On a 2x2x2 (data, fsdp, tensor) mesh the models' logical axes place params; same numbers."""
+  teacher, student = pair
+  batches = [make_batch(s) for s in range(2)]
+  _, ref_losses = run_single(teacher, student, batches)
+  logical = {(name,) + path: names for name, model in (("teacher", teacher), ("student", student))
+             for path, names in dj.models.logical_axes(model).items()}
+  assert logical[("teacher", "layers", "mlp_in", "kernel")] == ("layers", "embed", "mlp")
+  state, losses, jstep = run_mesh(teacher, student, batches, 2, 2, tensor=2, logical=logical)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  kernel = jstep.teacher_sharding["teacher"]["layers"]["mlp_in"]["kernel"]
+  assert kernel.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+  # Every device holds a quarter of the teacher's MLP kernel, not a replica.
+  shape = teacher.params["layers"]["mlp_in"]["kernel"].shape
+  assert kernel.shard_shape(shape) == (shape[0], shape[1] // 2, shape[2] // 2)
 
 
 def test_jit_step_traces_once(pair):
@@ -172,8 +191,8 @@ def test_nonfinite_update_is_skipped(pair):
   state = state_lib.create_train_state(student.params, optimizer, projection_params=projections)
   step = jax.jit(functools.partial(step_lib.train_step, **kw))
   bad_teacher = jax.tree.map(lambda x: x, teacher.params)
-  word = bad_teacher["bert"]["embeddings"]["word_embeddings"]["embedding"]
-  bad_teacher["bert"]["embeddings"]["word_embeddings"]["embedding"] = jnp.asarray(word).at[7].set(jnp.nan)
+  word = bad_teacher["word_embeddings"]["embedding"]
+  bad_teacher["word_embeddings"]["embedding"] = jnp.asarray(word).at[7].set(jnp.nan)
   batch = make_batch(0)
   batch["input_ids"][0, 0] = 7
   new_state, metrics = step(state, {"teacher": bad_teacher}, batch)

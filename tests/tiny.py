@@ -19,7 +19,8 @@ VOCAB_SIZE = 384
 # Small dimensions shared by all families: width 32, 4 heads, 2 layers unless overridden.
 _BASE = dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64)
 
-FAMILIES = ("bert", "roberta", "distilbert", "gpt2", "llama", "mistral", "gemma", "opt", "gpt_neo")
+FAMILIES = ("bert", "roberta", "distilbert", "gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
+            "gemma3_text", "smollm3")
 ENCODER_FAMILIES = ("bert", "roberta", "distilbert")
 
 _TASK_CLASSES = {
@@ -90,25 +91,38 @@ def config_for(family: str, **overrides) -> transformers.PretrainedConfig:
                                          max_position_embeddings=128, **common)
   ids = dict(pad_token_id=0, bos_token_id=2, eos_token_id=3)
   if family == "gpt2":
-    return transformers.GPT2Config(n_embd=h, n_head=n, n_layer=L, n_inner=f, n_positions=128, **ids, **common)
-  if family in ("llama", "mistral"):
-    cls = transformers.LlamaConfig if family == "llama" else transformers.MistralConfig
-    common.setdefault("num_key_value_heads", max(1, n // 2))
-    return cls(hidden_size=h, num_attention_heads=n, num_hidden_layers=L, intermediate_size=f,
-               max_position_embeddings=128, **ids, **common)
+    return transformers.GPT2Config(n_embd=h, n_head=n, n_layer=L, n_inner=f, n_positions=128,
+                                   layer_norm_epsilon=1e-4, **ids, **common)
+  # Decoder LLMs: every numeric field away from its default (RoPE base, eps, GQA, windows
+  # shorter than the test batches), so that a reader ignoring one of them fails parity.
+  common.setdefault("num_key_value_heads", max(1, n // 2))
+  common = dict(hidden_size=h, num_attention_heads=n, num_hidden_layers=L, intermediate_size=f,
+                max_position_embeddings=128, rms_norm_eps=1e-5, **ids, **common)
+  if family == "llama":
+    common.setdefault("rope_theta", 1e5)
+    return transformers.LlamaConfig(**common)
+  if family == "mistral":
+    common.setdefault("sliding_window", 6)
+    common.setdefault("rope_theta", 1e6)
+    return transformers.MistralConfig(**common)
+  if family == "qwen2":
+    common.setdefault("rope_theta", 1e6)
+    return transformers.Qwen2Config(**common)
+  if family == "qwen3":
+    return transformers.Qwen3Config(head_dim=2 * h // n, rope_theta=1e6, **common)
+  if family == "smollm3":
+    common.setdefault("no_rope_layers", [int((i + 1) % 2 == 0) for i in range(L)])
+    return transformers.SmolLM3Config(rope_theta=2e5, **common)
+  gemma = dict(head_dim=h // n, **common)
   if family == "gemma":
-    common.setdefault("num_key_value_heads", max(1, n // 2))
-    return transformers.GemmaConfig(hidden_size=h, num_attention_heads=n, num_hidden_layers=L,
-                                    intermediate_size=f, head_dim=h // n, max_position_embeddings=128,
-                                    **ids, **common)
-  if family == "opt":
-    return transformers.OPTConfig(hidden_size=h, num_attention_heads=n, num_hidden_layers=L, ffn_dim=f,
-                                  word_embed_proj_dim=h, max_position_embeddings=128, **ids, **common)
-  if family == "gpt_neo":
-    return transformers.GPTNeoConfig(hidden_size=h, num_heads=n, num_layers=L, intermediate_size=f,
-                                     attention_types=[[["global", "local"], max(1, L // 2)]] if L % 2 == 0
-                                     else [[["global"], L]], window_size=64, max_position_embeddings=128,
-                                     **ids, **common)
+    return transformers.GemmaConfig(rope_theta=5e4, **gemma)
+  if family == "gemma2":
+    return transformers.Gemma2Config(sliding_window=6, query_pre_attn_scalar=12, attn_logit_softcapping=20.0,
+                                     final_logit_softcapping=15.0, rope_theta=3e4, **gemma)
+  if family == "gemma3_text":
+    return transformers.Gemma3TextConfig(sliding_window=6, query_pre_attn_scalar=12,
+                                         layer_types=["sliding_attention", "full_attention"] * (L // 2)
+                                         + ["sliding_attention"] * (L % 2), **gemma)
   raise ValueError(f"family: unknown {family!r}; allowed: {', '.join(FAMILIES)}")
 
 

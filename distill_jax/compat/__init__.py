@@ -1,1 +1,0 @@
-"""Third-party glue: every line that touches `transformers` lives in `compat.hf`."""

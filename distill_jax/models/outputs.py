@@ -1,0 +1,47 @@
+"""The names every part of the project shares about models: tasks, outputs, `ModelOutputs`."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+TASKS = ("causal_lm", "masked_lm", "sequence_classification", "encoder")
+OUTPUT_NAMES = ("logits", "hidden_states", "attention_scores", "attention_probs", "values", "pooled")
+POOLINGS = ("mean", "cls")
+
+
+@flax.struct.dataclass
+class ModelOutputs:
+  """What a model returns; only the fields the caller asked for are set.
+
+  Per-layer outputs come out of the scanned layer stack as stacked arrays: index them like
+  a tuple (`hidden_states[i]`, `len(hidden_states)`).
+
+  Attributes:
+    logits: ``[B, T, V]`` for LM tasks, ``[B, C]`` for sequence classification (float32).
+    hidden_states: ``[L + 1, B, T, H]``: the embedding output first, then every layer
+      (for decoders the last one is after the final norm, as in Hugging Face).
+    attention_scores: ``[L, B, N, T, T]`` pre-softmax scores (scaled; masked keys at -1e4).
+    attention_probs: ``[L, B, N, T, T]`` probabilities.
+    values: ``[L, B, T, H_v]`` value projections (heads not split).
+    pooled: ``[B, H]`` mean-pooled (over ``attention_mask``) or CLS embedding.
+  """
+
+  logits: Optional[jax.Array] = None
+  hidden_states: Optional[jax.Array] = None
+  attention_scores: Optional[jax.Array] = None
+  attention_probs: Optional[jax.Array] = None
+  values: Optional[jax.Array] = None
+  pooled: Optional[jax.Array] = None
+
+
+def pool(hidden_BxTxH: jax.Array, mask_BxT: jax.Array, pooling: str) -> jax.Array:
+  """``[B, H]`` embedding of ``[B, T, H]`` states: the mean over real tokens or the first (CLS)."""
+  if pooling == "cls":
+    return hidden_BxTxH[:, 0]
+  mask_BxTx1 = mask_BxT[..., None].astype(hidden_BxTxH.dtype)
+  total_BxH = jnp.sum(hidden_BxTxH * mask_BxTx1, axis=1)
+  return total_BxH / jnp.maximum(jnp.sum(mask_BxTx1, axis=1), 1)
