@@ -15,7 +15,10 @@ import io
 import json
 import math
 import os
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+
+if TYPE_CHECKING:
+  from matplotlib.figure import Figure
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -262,54 +265,106 @@ def read_history(jsonl_path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 _NOT_CURVES = ("step", "epoch", "time", "elapsed", "timestamp")
+_PHASES = ("train/", "eval/")
+_SPARSE = 30  # a line with fewer points gets markers
 
 
-def plot_history(history: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
-                 max_panels: int = 12) -> str:
-  """Writes a PNG with one panel per logged quantity (``loss`` first) against ``step``.
+def _metric_of(key: str) -> str:
+  """``train/loss`` and ``eval/loss`` -> ``loss``; an unprefixed key is its own metric."""
+  for phase in _PHASES:
+    if key.startswith(phase):
+      return key[len(phase):]
+  return key
 
-  Uses matplotlib's Agg canvas directly: no display and no global backend change.
 
-  Args:
-    history: rows ``{"step": int, "loss": float, <metric>: float, ...}``; a quantity
-      logged only at eval steps is plotted at those steps.
-    path: the PNG to write.
-    max_panels: at most this many quantities are plotted.
+def _curve_panels(history: Sequence[Mapping[str, Any]], report: Optional[Mapping[str, Any]]
+                  ) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
+  """The plotted data: ``{metric: {line label: (steps, values)}}``, panels and lines in order.
 
-  Returns:
-    ``path`` as a string.
+  The train and eval lines of a metric share its panel.  The report's undistilled
+  (step 0) and distilled (last logged step) values join the ``eval/<name>`` line of their
+  metric; a history row at the same step wins.  A metric whose values are all zero
+  (e.g. ``train/nonfinite`` in a healthy run) gets no panel.
   """
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-
-  series: dict[str, tuple[list[float], list[float]]] = {}
+  points: dict[str, dict[float, float]] = {}
   for i, row in enumerate(history):
     step = row.get("step", i)
     for key, value in row.items():
       if key in _NOT_CURVES or isinstance(value, bool) or not isinstance(value, (int, float)):
         continue
-      xs, ys = series.setdefault(key, ([], []))
-      xs.append(step)
-      ys.append(value)
-  keys = sorted(series, key=lambda k: (k != "loss", "loss" not in k, k))[:max_panels]
-  cols = min(3, max(len(keys), 1))
-  rows = max(1, math.ceil(len(keys) / cols))
+      points.setdefault(key, {})[step] = value  # a key logged twice at a step: the last wins
+  if history and report:
+    last_step = max(row.get("step", i) for i, row in enumerate(history))
+    for row in report.get("metrics", ()):
+      for step, value in ((0, row.get("undistilled")), (last_step, row.get("distilled"))):
+        if value is not None:
+          points.setdefault(f"eval/{row['name']}", {}).setdefault(step, value)
+  panels: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+  for key in sorted(points, key=lambda k: (k.startswith("eval/"), k)):  # train line first
+    steps = sorted(points[key])
+    panels.setdefault(_metric_of(key), {})[key] = (steps, [points[key][s] for s in steps])
+  shown = [m for m, lines in panels.items() if any(v != 0 for _, ys in lines.values() for v in ys)]
+  return {m: panels[m] for m in sorted(shown, key=lambda m: (m != "loss", "loss" not in m, m))}
+
+
+def curves_figure(history: Sequence[Mapping[str, Any]], report: Optional[Mapping[str, Any]] = None,
+                  *, max_panels: int = 12) -> Figure:
+  """A matplotlib figure with one axis per metric: its train and eval curves against ``step``.
+
+  Uses matplotlib's Agg canvas directly: no display and no global backend change.
+
+  Args:
+    history: rows ``{"step": int, "train/loss": float, "eval/<term>": float, ...}`` (the
+      ``metrics.jsonl`` rows); a quantity logged only at eval steps is plotted at those.
+    report: optional, from :func:`build_report`: each metric's undistilled value is its
+      eval curve's step-0 point and its distilled value the point at the last step.
+    max_panels: at most this many metrics are plotted (``loss`` first).
+
+  Returns:
+    The figure (on an Agg canvas); lines are labelled (and the legend names them) by their
+    history key (``train/loss``, ``eval/loss``, ...), train lines in C0 and eval lines in C1,
+    and lines of fewer than 30 points have markers.
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  panels = list(_curve_panels(history, report).items())[:max_panels]
+  cols = min(3, max(len(panels), 1))
+  rows = max(1, math.ceil(len(panels) / cols))
   fig = Figure(figsize=(4.5 * cols, 3.2 * rows), dpi=100)
   FigureCanvasAgg(fig)
-  if not keys:
+  if not panels:
     ax = fig.add_subplot(1, 1, 1)
     ax.text(0.5, 0.5, "no history logged", ha="center", va="center")
     ax.set_axis_off()
-  for i, key in enumerate(keys):
+  for i, (metric, lines) in enumerate(panels):
     ax = fig.add_subplot(rows, cols, i + 1)
-    xs, ys = series[key]
-    ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3)
-    ax.set_title(key)
+    for label, (xs, ys) in lines.items():
+      ax.plot(xs, ys, label=label, color="C1" if label.startswith("eval/") else "C0",
+              marker="o" if len(xs) < _SPARSE else None, markersize=3)
+    ax.set_title(metric)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
   fig.tight_layout()
+  return fig
+
+
+def plot_history(history: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
+                 report: Optional[Mapping[str, Any]] = None, max_panels: int = 12) -> str:
+  """Writes :func:`curves_figure` as a PNG, atomically.
+
+  Args:
+    history: the ``metrics.jsonl`` rows (see :func:`curves_figure`).
+    path: the PNG to write.
+    report: optional, from :func:`build_report` (adds the step-0 and final eval points).
+    max_panels: at most this many metrics are plotted.
+
+  Returns:
+    ``path`` as a string.
+  """
   png = io.BytesIO()
-  fig.savefig(png, format="png")
+  curves_figure(history, report, max_panels=max_panels).savefig(png, format="png")
   path = os.fspath(path)
   _write_atomic(path, png.getvalue())
   return path
@@ -323,7 +378,8 @@ def write_report(run_dir: str | os.PathLike, report: Mapping[str, Any],
     run_dir: the run directory (created if missing).
     report: from :func:`build_report`.
     history: the training history rows (e.g. :func:`read_history` of
-      ``metrics.jsonl``).
+      ``metrics.jsonl``); ``curves.png`` plots them with the report's undistilled
+      (step 0) and distilled eval points (see :func:`curves_figure`).
 
   Returns:
     ``{"json": path, "markdown": path, "png": path}``.
@@ -336,5 +392,5 @@ def write_report(run_dir: str | os.PathLike, report: Mapping[str, Any],
   text = json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False)
   _write_atomic(paths["json"], text.encode("utf-8"))
   _write_atomic(paths["markdown"], format_markdown(report).encode("utf-8"))
-  plot_history(history, paths["png"])
+  plot_history(history, paths["png"], report=report)
   return paths

@@ -116,9 +116,16 @@ def test_value_relation_kl_key_mask_equals_slicing():
   assert np.all(np.isfinite(grad)) and np.all(grad[:, 3:] == 0.0)
 
 
-def test_value_relation_kl_head_count_must_divide_both_widths():
-  with pytest.raises(ValueError, match="num_heads=3"):
-    losses.value_relation_kl(_randn(0, B, T, 6), _randn(1, B, T, 8), num_heads=3)
+@pytest.mark.parametrize("num_heads, message", [
+    (3, "num_heads: 3 must divide both the student value width 6 and the teacher value width 8"),
+    (0, "num_heads: 0 must be a positive integer"),
+    (-2, "num_heads: -2 must be a positive integer"),
+    (2.0, "num_heads: 2.0 must be a positive integer"),
+])
+def test_value_relation_kl_bad_num_heads_raises_one_line_error(num_heads, message):
+  with pytest.raises(ValueError) as info:
+    losses.value_relation_kl(_randn(0, B, T, 6), _randn(1, B, T, 8), num_heads=num_heads)
+  assert str(info.value) == message
 
 
 def test_width_mismatch_raises():

@@ -264,3 +264,99 @@ def test_vmap_matches_batched_call():
   s, t = _pair(15)
   np.testing.assert_allclose(
       jax.vmap(losses.generalized_jsd)(s, t), losses.generalized_jsd(s, t), rtol=1e-6)
+
+
+_LABELS = np.zeros(SHAPE[:-1], np.int32)
+BAD_HYPERPARAMETERS = [
+    ("forward_kl", {"temperature": 0.0}, "temperature: 0.0 must be > 0"),
+    ("forward_kl", {"temperature": -1}, "temperature: -1 must be > 0"),
+    ("forward_kl", {"temperature": float("inf")}, "temperature: inf must be finite"),
+    ("forward_kl", {"temperature": float("nan")}, "temperature: nan must be finite"),
+    ("forward_kl", {"temperature": "2"}, "temperature: '2' must be a real number"),
+    ("forward_kl", {"temperature": True}, "temperature: True must be a real number"),
+    ("reverse_kl", {"temperature": -0.5}, "temperature: -0.5 must be > 0"),
+    ("total_variation", {"temperature": 0}, "temperature: 0 must be > 0"),
+    ("generalized_jsd", {"beta": 1.5}, "beta: 1.5 must be in [0, 1]"),
+    ("generalized_jsd", {"beta": -0.1}, "beta: -0.1 must be in [0, 1]"),
+    ("generalized_jsd", {"beta": np.float32(2.0)}, "beta: 2.0 must be in [0, 1]"),
+    ("generalized_jsd", {"temperature": 0.0}, "temperature: 0.0 must be > 0"),
+    ("generalized_jsd", {"normalized": "yes"}, "normalized: 'yes' must be one of [False, True]"),
+    ("skew_kl", {"skew": 1.0}, "skew: 1.0 must be in [0, 1)"),
+    ("skew_kl", {"skew": -0.1}, "skew: -0.1 must be in [0, 1)"),
+    ("skew_reverse_kl", {"skew": 1}, "skew: 1 must be in [0, 1)"),
+    ("skew_reverse_kl", {"temperature": -2.0}, "temperature: -2.0 must be > 0"),
+    ("cross_entropy", {"label_smoothing": 1.0}, "label_smoothing: 1.0 must be in [0, 1)"),
+    ("cross_entropy", {"label_smoothing": -0.1}, "label_smoothing: -0.1 must be in [0, 1)"),
+]
+
+
+@pytest.mark.parametrize("name, kwargs, message", BAD_HYPERPARAMETERS,
+                         ids=[f"{n}-{k}={v}" for n, kw, _ in BAD_HYPERPARAMETERS for k, v in kw.items()])
+def test_bad_static_hyperparameter_raises_one_line_error(name, kwargs, message):
+  s, t = _pair(16)
+  second = _LABELS if name == "cross_entropy" else t
+  with pytest.raises(ValueError) as info:
+    getattr(losses, name)(s, second, **kwargs)
+  assert str(info.value) == message
+
+
+def test_forward_kl_zero_temperature_raises_instead_of_nan():
+  s, t = _pair(17)
+  with pytest.raises(ValueError, match=r"^temperature: 0\.0 must be > 0$"):
+    losses.forward_kl(s, t, temperature=0.0)
+  with pytest.raises(ValueError) as info:  # raised at trace time (jax appends a traceback note)
+    jax.jit(functools.partial(losses.forward_kl, temperature=0.0))(s, t)
+  assert str(info.value).splitlines()[0] == "temperature: 0.0 must be > 0"
+
+
+def _traced_and_static(fn, s, t, name, value):
+  """(fn under jit with ``name`` traced, fn under jit with ``name`` a Python float)."""
+  traced = jax.jit(lambda s, t, v: fn(s, t, **{name: v}))(s, t, value)
+  static = jax.jit(lambda s, t: fn(s, t, **{name: value}))(s, t)
+  return traced, static
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
+def test_jsd_traced_beta_equals_python_float(beta, normalized):
+  s, t = _pair(18)
+  fn = functools.partial(losses.generalized_jsd, normalized=normalized, temperature=1.5)
+  traced, static = _traced_and_static(fn, s, t, "beta", beta)
+  np.testing.assert_allclose(traced, static, rtol=1e-6, atol=1e-7)
+  grad = lambda b: jax.jit(jax.grad(lambda s: jnp.sum(fn(s, t, beta=b))))(s)
+  np.testing.assert_allclose(grad(jnp.float32(beta)), grad(beta), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.5])
+@pytest.mark.parametrize("name", NAMES)
+def test_traced_temperature_equals_python_float(name, temperature):
+  s, t = _pair(19)
+  traced, static = _traced_and_static(DIVERGENCES[name][0], s, t, "temperature", temperature)
+  np.testing.assert_allclose(traced, static, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("skew", [0.0, 0.1, 0.5])
+@pytest.mark.parametrize("name", ["skew_kl", "skew_reverse_kl"])
+def test_traced_skew_equals_python_float(name, skew):
+  s, t = _pair(20)
+  traced, static = _traced_and_static(getattr(losses, name), s, t, "skew", skew)
+  np.testing.assert_allclose(traced, static, rtol=1e-6, atol=1e-7)
+
+
+def test_skew_zero_is_the_plain_kl():
+  s, t = _pair(21)
+  np.testing.assert_allclose(losses.skew_kl(s, t, skew=0.0), losses.forward_kl(s, t), rtol=1e-6)
+  np.testing.assert_allclose(
+      losses.skew_reverse_kl(s, t, skew=0.0), losses.reverse_kl(s, t), rtol=1e-6)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_cross_entropy_traced_label_smoothing_equals_python_float(label_smoothing):
+  logits, _ = _pair(22)
+  logits[0, 0, 3] = -np.inf  # a banned class: log p = -inf there, and 0 · -inf must not leak
+  labels = np.argmax(logits, axis=-1)
+  traced = jax.jit(lambda eps: losses.cross_entropy(logits, labels, label_smoothing=eps))(
+      label_smoothing)
+  static = losses.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+  np.testing.assert_allclose(traced, static, rtol=1e-6, atol=1e-7)
+  assert np.isfinite(static[0, 1]) and np.isfinite(static[0, 0]) == (label_smoothing == 0)

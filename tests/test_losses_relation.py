@@ -67,9 +67,15 @@ def test_relation_matrix_golden(kind):
   np.testing.assert_allclose(losses.relation_matrix(f[0], kind=kind), want[0], rtol=1e-4, atol=1e-5)
 
 
-def test_relation_matrix_unknown_kind_lists_allowed():
-  with pytest.raises(ValueError, match=r"cosine.*dot.*euclidean"):
-    losses.relation_matrix(_randn(0, B, DS), kind="manhattan")
+@pytest.mark.parametrize("kind", ["manhattan", "Cosine", None])
+def test_unknown_kind_raises_one_line_error_listing_allowed(kind):
+  message = f"kind: {kind!r} must be one of ['cosine', 'dot', 'euclidean']"
+  with pytest.raises(ValueError) as info:
+    losses.relation_matrix(_randn(0, B, DS), kind=kind)
+  assert str(info.value) == message
+  with pytest.raises(ValueError) as info:
+    losses.token_relation(_randn(1, B, T, DS), _randn(2, B, T, DS), kind=kind)
+  assert str(info.value) == message
 
 
 EXAMPLE_LOSSES = {

@@ -114,3 +114,37 @@ def test_temporary_memory_flat_in_tokens_while_naive_grows():
   assert slow[-1] > 3.0 * slow[0], slow
   assert fast[-1] < 1.5 * fast[0] + (1 << 20), fast  # only O(tokens * hidden) grows
   assert fast[-1] < slow[0], (fast, slow)
+
+
+@pytest.mark.parametrize("fn, kwargs, message", [
+    (losses.chunked_forward_kl, {"chunk_size": 0}, "chunk_size: 0 must be a positive integer"),
+    (losses.chunked_forward_kl, {"chunk_size": -4}, "chunk_size: -4 must be a positive integer"),
+    (losses.chunked_forward_kl, {"chunk_size": 2.5}, "chunk_size: 2.5 must be a positive integer"),
+    (losses.chunked_forward_kl, {"chunk_size": True}, "chunk_size: True must be a positive integer"),
+    (losses.chunked_forward_kl, {"temperature": 0.0}, "temperature: 0.0 must be > 0"),
+    (losses.chunked_generalized_jsd, {"beta": 1.5}, "beta: 1.5 must be in [0, 1]"),
+    (losses.chunked_generalized_jsd, {"temperature": -1.0}, "temperature: -1.0 must be > 0"),
+    (losses.chunked_generalized_jsd, {"chunk_size": 0}, "chunk_size: 0 must be a positive integer"),
+], ids=lambda x: x.__name__ if callable(x) else str(x))
+def test_bad_static_hyperparameter_raises_one_line_error(fn, kwargs, message):
+  hs, ws, ht, wt, _, _ = _inputs(5, 8)
+  with pytest.raises(ValueError) as info:
+    fn(hs, ws, ht, wt, **kwargs)
+  assert str(info.value) == message
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
+def test_traced_beta_and_temperature_equal_python_floats(beta):
+  hs, ws, ht, wt, _, _ = _inputs(6, 13)
+  loss = lambda hs, b, t: losses.chunked_generalized_jsd(
+      hs, ws, ht, wt, beta=b, temperature=t, chunk_size=4)
+  traced = jax.jit(loss)(hs, beta, 2.0)
+  static = jax.jit(lambda hs: loss(hs, beta, 2.0))(hs)
+  np.testing.assert_allclose(traced, static, rtol=1e-6, atol=1e-7)
+
+
+def test_forward_kl_traced_temperature_equals_python_float():
+  hs, ws, ht, wt, _, _ = _inputs(7, 13)
+  loss = lambda hs, t: losses.chunked_forward_kl(hs, ws, ht, wt, temperature=t, chunk_size=4)
+  np.testing.assert_allclose(
+      jax.jit(loss)(hs, 2.0), jax.jit(lambda hs: loss(hs, 2.0))(hs), rtol=1e-6, atol=1e-7)

@@ -142,7 +142,7 @@ def test_scores_and_values(checkpoint, family):
     keys = keys & np.tril(np.ones((t, t), bool))[None, None]
   rows = valid[:, None, :, None]
   for scores, probs in zip(out.attention_scores, out.attention_probs):
-    masked = ~np.broadcast_to(keys, scores.shape)
+    masked = np.broadcast_to(rows & ~keys, scores.shape)  # masked keys of real queries
     assert np.all(np.asarray(scores)[masked] == -1e4)
     np.testing.assert_allclose(np.where(rows & keys, jax.nn.softmax(scores, -1), 0),
                                np.where(rows & keys, probs, 0), atol=1e-5)

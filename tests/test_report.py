@@ -105,3 +105,70 @@ def test_read_history_round_trip_and_truncated_last_line(tmp_path):
   path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
   with pytest.raises(ValueError, match="line 2"):
     rp.read_history(path)
+
+
+# What the trainer logs: train rows every step, eval rows at eval_every and the last step.
+TRAINER_HISTORY = [
+    {"step": s, "train/loss": 3.0 / s, "train/forward_kl": 2.0 / s, "train/grad_norm": 1.0,
+     "train/nonfinite": 0.0, "train/unused_term": 0.0, "train/tokens_per_s": 900.0 + s}
+    for s in range(1, 41)] + [
+    {"step": 20, "eval/loss": 1.5, "eval/forward_kl": 1.0, "eval/top1_agreement": 0.7},
+    {"step": 40, "eval/loss": 1.2, "eval/forward_kl": 0.8}]
+
+
+def _lines(ax):
+  return {line.get_label(): line for line in ax.get_lines()}
+
+
+def test_curves_one_axis_per_metric_with_train_and_eval_together(report):
+  fig = rp.curves_figure(TRAINER_HISTORY, report)
+  titles = [ax.get_title() for ax in fig.axes]
+  # loss first; the report's metrics become eval curves; all-zero series have no panel.
+  assert titles == ["loss", "accuracy", "forward_kl", "grad_norm", "kl_teacher_student",
+                    "macro_f1", "tokens_per_s", "top1_agreement"]
+  axes = dict(zip(titles, fig.axes))
+  assert list(_lines(axes["loss"])) == ["train/loss", "eval/loss"]
+  assert list(_lines(axes["forward_kl"])) == ["train/forward_kl", "eval/forward_kl"]
+  assert list(_lines(axes["grad_norm"])) == ["train/grad_norm"]
+  assert all(ax.get_xlabel() == "step" for ax in fig.axes)
+  eval_loss = _lines(axes["loss"])["eval/loss"]
+  assert list(eval_loss.get_xdata()) == [20, 40] and list(eval_loss.get_ydata()) == [1.5, 1.2]
+  assert eval_loss.get_marker() == "o"  # sparse eval series are visible as points
+  assert eval_loss.get_color() == "C1" and _lines(axes["loss"])["train/loss"].get_color() == "C0"
+  assert _lines(axes["loss"])["train/loss"].get_marker() == "None"  # 40 points: a plain line
+
+
+def test_eval_curves_start_at_the_undistilled_step_0_point(report):
+  axes = {ax.get_title(): ax for ax in rp.curves_figure(TRAINER_HISTORY, report).axes}
+  accuracy = _lines(axes["accuracy"])["eval/accuracy"]
+  assert list(accuracy.get_xdata()) == [0, 40]  # undistilled at step 0, distilled at the end
+  assert list(accuracy.get_ydata()) == [0.5, 0.8]
+  # A metric also logged during training gets the step-0 point before its history points.
+  agreement = _lines(axes["top1_agreement"])["eval/top1_agreement"]
+  assert list(agreement.get_xdata()) == [0, 20, 40]
+  assert list(agreement.get_ydata()) == [0.6, 0.7, 0.85]
+  # A step-0 eval row in the history is the eval line's first point too.
+  history = [{"step": 0, "eval/loss": 2.5}, *TRAINER_HISTORY]
+  axes = {ax.get_title(): ax for ax in rp.curves_figure(history).axes}
+  assert list(_lines(axes["loss"])["eval/loss"].get_xdata()) == [0, 20, 40]
+
+
+def test_curves_drop_all_zero_metrics_and_keep_nonfinite_when_it_fired():
+  titles = [ax.get_title() for ax in rp.curves_figure(TRAINER_HISTORY).axes]
+  assert "nonfinite" not in titles and "unused_term" not in titles
+  history = [dict(row) for row in TRAINER_HISTORY]
+  history[3]["train/nonfinite"] = 1.0
+  titles = [ax.get_title() for ax in rp.curves_figure(history).axes]
+  assert "nonfinite" in titles and "unused_term" not in titles
+
+
+def test_curves_max_panels_and_empty_history():
+  assert len(rp.curves_figure(TRAINER_HISTORY, max_panels=2).axes) == 2
+  (ax,) = rp.curves_figure([], None).axes
+  assert [t.get_text() for t in ax.texts] == ["no history logged"]
+
+
+def test_plot_history_writes_png_atomically(tmp_path, report):
+  path = rp.plot_history(TRAINER_HISTORY, tmp_path / "curves.png", report=report)
+  assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png"]  # no .tmp left behind

@@ -2,6 +2,12 @@
 
 Three families (logits, features, relations), the chunked large-vocabulary KL, and the
 masked reductions that turn unreduced values into a scalar or a ``(sum, count)`` metric.
+
+Hyperparameters given as Python numbers (``temperature``, ``beta``, ``skew``,
+``label_smoothing``, ``chunk_size``, ``num_heads``, ``kind``, ...) are validated with a
+one-line ``ValueError`` naming the argument and the allowed range.  Traced (jax array)
+values cannot be checked at trace time and are not; for every valid value they give the
+same result as the equal Python number.
 """
 
 from __future__ import annotations

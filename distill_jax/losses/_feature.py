@@ -218,7 +218,7 @@ def value_relation_kl(
   Args:
     student_v: `[B, T, Hs]` student value vectors (all heads concatenated).
     teacher_v: `[B, T, Ht]` teacher value vectors.
-    num_heads: number of relation heads; must divide both Hs and Ht.
+    num_heads: number of relation heads, a positive integer dividing both Hs and Ht.
     where: optional boolean query mask broadcastable to `[B, N, T]` (pass
       ``mask_BxT[:, None, :]`` for a token mask).
     key_mask: optional boolean `[B, T]` mask of valid key tokens; masked keys get zero
@@ -228,16 +228,17 @@ def value_relation_kl(
     `[B, N, T]` float32 per-(head, query) divergence.
 
   Raises:
-    ValueError: if ``num_heads`` does not divide both hidden sizes.
+    ValueError: if ``num_heads`` is not a positive integer dividing both hidden sizes.
 
   References:
     Wang et al., "MiniLM: Deep Self-Attention Distillation for Task-Agnostic Compression
     of Pre-Trained Transformers", 2020.
   """
+  _reduce.check_positive_int("num_heads", num_heads)
   student, teacher = _sequence_pair_f32(student_v, teacher_v, "value_relation_kl")
-  if num_heads <= 0 or student.shape[-1] % num_heads or teacher.shape[-1] % num_heads:
+  if student.shape[-1] % num_heads or teacher.shape[-1] % num_heads:
     raise ValueError(
-        f"num_heads={num_heads} must divide both the student value width "
+        f"num_heads: {num_heads} must divide both the student value width "
         f"{student.shape[-1]} and the teacher value width {teacher.shape[-1]}")
   b, t, _ = student.shape
   mask = _reduce.broadcast_mask(where, (b, num_heads, t))

@@ -13,6 +13,11 @@ All math is float32 whatever the input dtype; values are unreduced over the voca
 (``[..., V] -> [...]``), multiplied by ``temperature**2`` (Hinton et al., 2015) so that
 gradient magnitudes do not shrink with the temperature; ``where`` masks positions with
 exactly zero value and zero gradient.
+
+Hyperparameters (``temperature`` > 0, ``beta`` in [0, 1], ``skew`` in [0, 1),
+``label_smoothing`` in [0, 1)) given as Python numbers raise a one-line ``ValueError``
+outside their range.  A jax array (a traced value, e.g. a temperature schedule's output) is
+unchecked; for every valid value it gives the same result as the equal Python float.
 """
 
 from __future__ import annotations
@@ -92,7 +97,8 @@ def _divergence(
     temperature: float,
     where: ArrayLike | None,
 ) -> jax.Array:
-  """Applies ``fn(logp_student, logp_teacher)``, scales by T² and masks."""
+  """Checks ``temperature``, applies ``fn(logp_student, logp_teacher)``, scales by T², masks."""
+  _reduce.check_range("temperature", temperature, low=0, low_open=True)
   logp_s, logp_t, mask = _log_probs(student_logits, teacher, temperature, where)
   values = fn(logp_s, logp_t) * jnp.square(jnp.asarray(temperature, jnp.float32))
   return _reduce.mask_outputs(values, mask)
@@ -118,7 +124,7 @@ def forward_kl(
     student_logits: `[..., V]` student logits, any float dtype.
     teacher_logits: `[..., V]` teacher logits, or a top-k pair
       ``(top_k_logits [..., K], top_k_indices [..., K])`` (see the module docstring).
-    temperature: softmax temperature T > 0.
+    temperature: softmax temperature T > 0; a jax array is not checked.
     where: optional boolean mask broadcastable to `[...]`; masked positions give 0.
 
   Returns:
@@ -149,7 +155,7 @@ def reverse_kl(
   Args:
     student_logits: `[..., V]` student logits.
     teacher_logits: `[..., V]` teacher logits or a top-k pair (see module docstring).
-    temperature: softmax temperature T > 0.
+    temperature: softmax temperature T > 0; a jax array is not checked.
     where: optional boolean mask broadcastable to `[...]`.
 
   Returns:
@@ -182,13 +188,15 @@ def generalized_jsd(
   :math:`\\approx \\beta KL(p_T\\|p_S)` near 0), so the unnormalized loss jumps at the
   endpoints. ``normalized=True`` divides the interior by :math:`\\beta(1-\\beta)`, which is
   continuous: it tends to forward KL as β→0 and reverse KL as β→1. ``beta`` may be a
-  traced scalar; a Python float selects the endpoint branch statically.
+  traced scalar: it selects the exact ends with ``jnp.where`` (a Python float selects them
+  statically), so both give the same result for every β in [0, 1].
 
   Args:
     student_logits: `[..., V]` student logits.
     teacher_logits: `[..., V]` teacher logits or a top-k pair (see module docstring).
-    beta: mixture weight of the teacher, in [0, 1].
-    temperature: softmax temperature T > 0.
+    beta: mixture weight of the teacher, in [0, 1]; a jax array is not checked (values
+      outside act as the nearest end).
+    temperature: softmax temperature T > 0; a jax array is not checked.
     where: optional boolean mask broadcastable to `[...]`.
     normalized: divide the interior value by β(1-β).
 
@@ -199,20 +207,22 @@ def generalized_jsd(
     Agarwal et al., "On-Policy Distillation of Language Models: Learning from
     Self-Generated Mistakes" (GKD), 2024.
   """
+  _reduce.check_range("beta", beta, low=0, high=1)
+  _reduce.check_choice("normalized", normalized, (False, True))
+  static = _reduce.is_static(beta)
 
   def jsd(s: jax.Array, t: jax.Array) -> jax.Array:
-    if isinstance(beta, (int, float)):
-      if beta == 0:
-        return _kl(t, s)
-      if beta == 1:
-        return _kl(s, t)
+    if static and beta == 0:
+      return _kl(t, s)
+    if static and beta == 1:
+      return _kl(s, t)
     b = jnp.asarray(beta, jnp.float32)
     # Keep the interior branch finite at the ends when beta is traced.
     b_in = jnp.clip(b, 1e-12, 1.0 - 1e-7)
     interior = b_in * _kl_to_mixture(t, s, b_in) + (1.0 - b_in) * _kl_to_mixture(s, t, 1.0 - b_in)
     if normalized:
       interior = interior / (b_in * (1.0 - b_in))
-    if isinstance(beta, (int, float)):
+    if static:
       return interior
     return jnp.where(b <= 0, _kl(t, s), jnp.where(b >= 1, _kl(s, t), interior))
 
@@ -237,8 +247,9 @@ def skew_kl(
   Args:
     student_logits: `[..., V]` student logits.
     teacher_logits: `[..., V]` teacher logits or a top-k pair (see module docstring).
-    skew: α in [0, 1), the teacher's weight in the skewed student distribution.
-    temperature: softmax temperature T > 0.
+    skew: α in [0, 1), the teacher's weight in the skewed student distribution (α = 1
+      would make the loss identically 0); a jax array is not checked.
+    temperature: softmax temperature T > 0; a jax array is not checked.
     where: optional boolean mask broadcastable to `[...]`.
 
   Returns:
@@ -247,6 +258,7 @@ def skew_kl(
   References:
     Ko et al., "DistiLLM: Towards Streamlined Distillation for Large Language Models", 2024.
   """
+  _reduce.check_range("skew", skew, low=0, high=1, high_open=True)
   return _divergence(
       lambda s, t: _kl_to_mixture(t, s, skew), student_logits, teacher_logits, temperature, where)
 
@@ -269,8 +281,9 @@ def skew_reverse_kl(
   Args:
     student_logits: `[..., V]` student logits.
     teacher_logits: `[..., V]` teacher logits or a top-k pair (see module docstring).
-    skew: α in [0, 1), the student's weight in the skewed teacher distribution.
-    temperature: softmax temperature T > 0.
+    skew: α in [0, 1), the student's weight in the skewed teacher distribution (α = 1
+      would make the loss identically 0); a jax array is not checked.
+    temperature: softmax temperature T > 0; a jax array is not checked.
     where: optional boolean mask broadcastable to `[...]`.
 
   Returns:
@@ -279,6 +292,7 @@ def skew_reverse_kl(
   References:
     Ko et al., "DistiLLM: Towards Streamlined Distillation for Large Language Models", 2024.
   """
+  _reduce.check_range("skew", skew, low=0, high=1, high_open=True)
   return _divergence(
       lambda s, t: _kl_to_mixture(s, t, skew), student_logits, teacher_logits, temperature, where)
 
@@ -300,7 +314,7 @@ def total_variation(
   Args:
     student_logits: `[..., V]` student logits.
     teacher_logits: `[..., V]` teacher logits or a top-k pair (see module docstring).
-    temperature: softmax temperature T > 0.
+    temperature: softmax temperature T > 0; a jax array is not checked.
     where: optional boolean mask broadcastable to `[...]`.
 
   Returns:
@@ -335,7 +349,7 @@ def cross_entropy(
     logits: `[..., V]` logits.
     labels: `[...]` integer class indices.
     where: optional boolean mask broadcastable to `[...]`.
-    label_smoothing: ε in [0, 1).
+    label_smoothing: ε in [0, 1); a jax array is not checked.
 
   Returns:
     `[...]` float32 per-position loss.
@@ -343,12 +357,18 @@ def cross_entropy(
   References:
     Szegedy et al., "Rethinking the Inception Architecture for Computer Vision", 2016.
   """
+  _reduce.check_range("label_smoothing", label_smoothing, low=0, high=1, high_open=True)
   logits = jnp.asarray(logits, jnp.float32)
   mask = _reduce.broadcast_mask(where, logits.shape[:-1])
   logits = _reduce.mask_inputs(logits, mask)
   labels = _reduce.mask_inputs(jnp.asarray(labels), mask)
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  if not isinstance(label_smoothing, (int, float)) or label_smoothing:
-    nll = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(logp, axis=-1)
-  return _reduce.mask_outputs(nll, mask)
+  eps = label_smoothing
+  if _reduce.is_static(eps) and not eps:
+    return _reduce.mask_outputs(nll, mask)
+  smoothed = (1.0 - eps) * nll - eps * jnp.mean(logp, axis=-1)
+  if not _reduce.is_static(eps):
+    # A traced ε = 0 must equal the static 0 also where logp holds -inf (0 · -inf is NaN).
+    smoothed = jnp.where(eps == 0, nll, smoothed)
+  return _reduce.mask_outputs(smoothed, mask)

@@ -69,12 +69,8 @@ def relation_matrix(features: ArrayLike, *, kind: str = "cosine") -> jax.Array:
   References:
     Park et al., "Relational Knowledge Distillation", 2019.
   """
-  try:
-    fn = _RELATIONS[kind]
-  except KeyError:
-    raise ValueError(
-        f"unknown relation kind={kind!r}; allowed: {sorted(_RELATIONS)}") from None
-  return fn(jnp.asarray(features, jnp.float32))
+  _reduce.check_choice("kind", kind, sorted(_RELATIONS))
+  return _RELATIONS[kind](jnp.asarray(features, jnp.float32))
 
 
 def _examples(
@@ -237,12 +233,16 @@ def token_relation(
       columns of the relation matrices).
     kind: relation kind, see :func:`relation_matrix`.
 
+  Raises:
+    ValueError: for an unknown ``kind``.
+
   Returns:
     `[B, T]` float32 per-token values (0 for masked tokens).
 
   References:
     Park et al., "Relational Knowledge Distillation", 2019; Wang et al., "MiniLMv2", 2021.
   """
+  _reduce.check_choice("kind", kind, sorted(_RELATIONS))
   student, teacher = _sequence_pair_f32(student_h, teacher_h, "token_relation")
   mask = _reduce.mask_or_ones(where, student.shape[:2])
   rel_s = relation_matrix(_reduce.mask_inputs(student, mask), kind=kind)

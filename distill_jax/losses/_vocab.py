@@ -4,7 +4,8 @@ From the final hidden states and the two unembedding matrices, the per-token div
 is computed over chunks of tokens (``lax.map``), and a ``jax.custom_vjp`` recomputes each
 chunk's logits in the backward pass (``lax.scan``), so neither model's `[tokens, V]`
 logits exist whole: temporary memory is O(chunk_size · V) instead of O(tokens · V).
-The teacher is a constant: it gets a zero cotangent.
+The teacher is a constant: it gets a zero cotangent.  Hyperparameters are checked as in
+:mod:`distill_jax.losses._logit`; ``chunk_size`` must be a positive Python integer.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def _chunked_token_loss(
     teacher_bias: ArrayLike | None,
 ) -> jax.Array:
   """Flattens tokens, pads them to a multiple of ``chunk_size`` and runs the chunks."""
+  _reduce.check_positive_int("chunk_size", chunk_size)
   hs = jnp.asarray(student_hidden)
   ws = jnp.asarray(student_unembed)
   ht = jax.lax.stop_gradient(jnp.asarray(teacher_hidden))
@@ -96,8 +98,6 @@ def _chunked_token_loss(
     raise ValueError(
         f"unembedding shapes {ws.shape} (student) / {wt.shape} (teacher) must be "
         f"[hidden, V] with hidden {hs.shape[-1]} / {ht.shape[-1]} and the same V")
-  if chunk_size <= 0:
-    raise ValueError(f"chunk_size must be positive, got {chunk_size}")
   vocab = ws.shape[1]
   bs = jnp.zeros((vocab,), jnp.float32) if student_bias is None else jnp.asarray(student_bias)
   bt = jnp.zeros((vocab,), jnp.float32) if teacher_bias is None else jnp.asarray(teacher_bias)
@@ -149,9 +149,10 @@ def chunked_forward_kl(
     student_unembed: `[Ds, V]` student unembedding (LM head) matrix.
     teacher_hidden: `[N, Dt]` or `[B, T, Dt]` final teacher hidden states (constant).
     teacher_unembed: `[Dt, V]` teacher unembedding matrix (constant).
-    temperature: softmax temperature T > 0 (a Python float).
+    temperature: softmax temperature T > 0; a jax array is not checked.
     where: optional boolean mask broadcastable to the token axes `[N]` / `[B, T]`.
-    chunk_size: tokens per chunk; the token count need not be divisible by it.
+    chunk_size: tokens per chunk (a positive integer); the token count need not be
+      divisible by it.
     student_bias: optional `[V]` student unembedding bias (differentiated).
     teacher_bias: optional `[V]` teacher unembedding bias (constant).
 
@@ -162,6 +163,7 @@ def chunked_forward_kl(
     Hinton et al., 2015; chunked recomputation as in Liger-Kernel's fused linear
     cross-entropy (Hsu et al., 2024).
   """
+  _reduce.check_range("temperature", temperature, low=0, low_open=True)
   loss = functools.partial(_chunk_forward_kl, temperature=temperature)
   return _chunked_token_loss(
       loss, student_hidden, student_unembed, teacher_hidden, teacher_unembed,
@@ -193,10 +195,11 @@ def chunked_generalized_jsd(
     student_unembed: `[Ds, V]` student unembedding matrix.
     teacher_hidden: `[N, Dt]` or `[B, T, Dt]` final teacher hidden states (constant).
     teacher_unembed: `[Dt, V]` teacher unembedding matrix (constant).
-    beta: teacher weight of the mixture; 0 is forward KL, 1 reverse KL.
-    temperature: softmax temperature T > 0.
+    beta: teacher weight of the mixture, in [0, 1]; 0 is forward KL, 1 reverse KL; a jax
+      array is not checked.
+    temperature: softmax temperature T > 0; a jax array is not checked.
     where: optional boolean mask broadcastable to the token axes.
-    chunk_size: tokens per chunk.
+    chunk_size: tokens per chunk (a positive integer).
     normalized: divide the interior value by β(1-β) (continuous at the ends).
     student_bias: optional `[V]` student unembedding bias.
     teacher_bias: optional `[V]` teacher unembedding bias (constant).
@@ -207,6 +210,8 @@ def chunked_generalized_jsd(
   References:
     Agarwal et al., "On-Policy Distillation of Language Models" (GKD), 2024.
   """
+  _reduce.check_range("beta", beta, low=0, high=1)
+  _reduce.check_range("temperature", temperature, low=0, low_open=True)
   loss = functools.partial(
       _chunk_generalized_jsd, beta=beta, temperature=temperature, normalized=normalized)
   return _chunked_token_loss(

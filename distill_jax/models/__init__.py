@@ -20,6 +20,9 @@ __all__ = [
     "DECODER_FAMILIES", "ENCODER_FAMILIES", "FAMILIES", "LAYER_STRATEGIES", "Model", "ModelOutputs",
     "OUTPUT_NAMES", "POOLINGS", "TASKS", "check_task", "check_vocab", "family_module", "init_params",
     "init_student", "layer_map", "load_config", "load_model", "logical_axes", "model_from_config", "pool",
-    "student_config",
+    "student_config", "generate",
 ]
 
+
+# Last: binding the function replaces the submodule attribute of the same name.
+from distill_jax.models.generate import generate  # noqa: E402

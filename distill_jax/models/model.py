@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax.models import checkpoints
+from distill_jax.models.layers import REMAT_POLICIES
 from distill_jax.models.outputs import OUTPUT_NAMES, POOLINGS, TASKS, ModelOutputs, pool
 
 # Family modules: each exports FAMILIES, TASKS, spec_from_hf, params_from_hf, params_to_hf,
@@ -223,6 +224,8 @@ def load_config(source: Any, **overrides):
 
 
 def _build(config, task: str, dtype: Any, remat: str):
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat: unknown {remat!r}; allowed: {', '.join(REMAT_POLICIES)}")
   fam, cls = family_module(config.model_type)
   check_task(task, config.model_type)
   spec = fam.spec_from_hf(config.to_dict())
@@ -253,6 +256,8 @@ def load_model(name_or_path: str | os.PathLike, task: str = "causal_lm", *, dtyp
   """
   check_task(task)
   _check_dtypes(dtype=dtype, param_dtype=param_dtype)
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat: unknown {remat!r}; allowed: {', '.join(REMAT_POLICIES)}")
   path = checkpoints.resolve_checkpoint(name_or_path, revision)
   config = load_config(path, **({} if num_labels is None else {"num_labels": int(num_labels)}))
   fam, module = _build(config, task, dtype, remat)
