@@ -193,12 +193,28 @@ def _load_models(cfg: config_lib.Config) -> tuple[Any, dict[str, Any]]:
   return student, teachers
 
 
-def _tokenizer(student: Any, teachers: Mapping[str, Any], main_teacher: str) -> Any:
-  tok = teachers[main_teacher].tokenizer if main_teacher in teachers else None
-  tok = tok or student.tokenizer
-  if tok is None:
-    raise ValueError(f"teachers.{main_teacher}.path: the checkpoint has no tokenizer files")
-  return tok
+def _student_task(cfg: config_lib.Config) -> str:
+  """The student's task as the config implies it (its own, else its source teacher's)."""
+  s = cfg.student
+  source = s.teacher or next((n for n, t in cfg.teachers.items() if t.path != config_lib.SELF_TEACHER),
+                             next(iter(cfg.teachers)))
+  return s.task or cfg.teachers[source].task
+
+
+def _early_tokenizer(cfg: config_lib.Config, main_teacher: str) -> Any:
+  """The tokenizer the data uses (the main teacher's, else the student checkpoint's), read alone."""
+  from distill_jax.models import checkpoints
+
+  tc = cfg.teachers[main_teacher]
+  sources = [] if tc.path == config_lib.SELF_TEACHER else [(f"teachers.{main_teacher}.path", tc.path)]
+  if cfg.student.init == "path":
+    sources.append(("student.path", cfg.student.path))
+  for field, path in sources:
+    with _naming(field):
+      tok = checkpoints.load_tokenizer(checkpoints.resolve_checkpoint(config_lib.resolve_model_path(path, field)))
+    if tok is not None:
+      return tok
+  raise ValueError(f"{sources[0][0] if sources else 'student.path'}: the checkpoint has no tokenizer files")
 
 
 def _load_data(cfg: config_lib.Config, tokenizer: Any, task: str, run_dir: pathlib.Path) -> tuple[Any, Any]:
@@ -218,6 +234,11 @@ def _load_data(cfg: config_lib.Config, tokenizer: Any, task: str, run_dir: pathl
                 label_column=d.label_column, bucket=d.buckets, cache_dir=d.cache_dir)
   train_ex = data.tokenize(train_ds, tokenizer, **tok_kw)
   eval_ex = data.tokenize(val_ds, tokenizer, label_names=train_ex.label_names, **tok_kw)
+  if data.steps_per_epoch(train_ex, d.global_batch_size) == 0:  # before the run directory is written
+    raise ValueError(f"data.global_batch_size: {len(train_ex.lengths)} training examples make no full batch of "
+                     f"{d.global_batch_size} (per length bucket); use more data or a smaller batch")
+  if len(eval_ex.lengths) == 0:
+    raise ValueError(f"data.validation_split: the validation split of {d.source!r} holds no examples")
   return train_ex, eval_ex
 
 
@@ -246,21 +267,22 @@ def build_run(cfg: config_lib.Config, run_dir: pathlib.Path) -> Run:
   import datasets
 
   datasets.disable_progress_bars()
-  student, teachers = _load_models(cfg)
-  objective = objective_lib.build_objective(cfg.objective_terms(), student=student, teachers=teachers)
-  main = _main_teacher(cfg)
-  shared_vocab = None
-  if student.task in ("causal_lm", "masked_lm", "sequence_classification") and teachers[main].task == student.task:
-    shared_vocab = models.check_vocab(teachers[main], student) if student.task != "sequence_classification" else None
-  tokenizer = _tokenizer(student, teachers, main)
-  train_ex, eval_ex = _load_data(cfg, tokenizer, student.task, run_dir)
-  transform = _batch_transform(cfg, student.task, tokenizer, train_ex, shared_vocab or student.vocab_size, main)
-
+  # Devices, tokenizer and data first: a bad mesh or data file is reported in seconds,
+  # before any model weights are read.
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) if cfg.mesh.mode == "jit" else None
   devices = jax.devices() if mesh is None else list(mesh.devices.flat)
   if cfg.data.global_batch_size % len(devices):
     raise ValueError(f"data.global_batch_size={cfg.data.global_batch_size} is not divisible by the "
                      f"{len(devices)} devices")
+  main = _main_teacher(cfg)
+  tokenizer = _early_tokenizer(cfg, main)
+  train_ex, eval_ex = _load_data(cfg, tokenizer, _student_task(cfg), run_dir)
+  student, teachers = _load_models(cfg)
+  objective = objective_lib.build_objective(cfg.resolved_terms(), student=student, teachers=teachers)
+  shared_vocab = None
+  if student.task in ("causal_lm", "masked_lm", "sequence_classification") and teachers[main].task == student.task:
+    shared_vocab = models.check_vocab(teachers[main], student) if student.task != "sequence_classification" else None
+  transform = _batch_transform(cfg, student.task, tokenizer, train_ex, shared_vocab or student.vocab_size, main)
   o = cfg.optimizer
   accum = o.grad_accum_steps
   total_updates = max(cfg.train.steps // accum, 1)
@@ -430,6 +452,16 @@ def _eval_loss(run: Run, state: Any, max_batches: int) -> dict[str, float]:
   return out
 
 
+def _eval_on_bar(run: Run, state: Any, bar: Any, step: int) -> dict[str, float]:
+  """`_eval_loss`, announced on the progress bar while it runs and shown there after."""
+  if bar is not None:
+    bar.set_postfix_str(f"evaluating step {step} ...", refresh=True)
+  values = _eval_loss(run, state, run.config.train.eval_batches)
+  if bar is not None and "eval/loss" in values:
+    bar.set_postfix(eval_loss=f"{values['eval/loss']:.4f}", refresh=True)
+  return values
+
+
 def _eval_batch_size(cfg: config_lib.Config) -> int:
   return cfg.data.eval_batch_size or cfg.data.global_batch_size
 
@@ -492,6 +524,30 @@ def _prepare_run_dir(cfg: config_lib.Config) -> pathlib.Path:
   return run_dir
 
 
+def _finished_run(cfg: config_lib.Config, run_dir: pathlib.Path) -> Optional[RunResult]:
+  """The result of a run of this very config that already reached its last step, else None.
+
+  Its report records the final step and the export; nothing is loaded, evaluated or
+  exported again, so rerunning a finished command returns in seconds.
+  """
+  from distill_jax import report as report_lib
+
+  report_path, saved = run_dir / report_lib.REPORT_JSON, run_dir / CONFIG_FILE
+  if not (cfg.checkpoint.resume and report_path.exists() and saved.exists()):
+    return None
+  report = json.loads(report_path.read_text())
+  export_dir = report.get("export_dir")
+  if report.get("steps") != cfg.train.steps or (cfg.export.enabled and not (export_dir and os.path.isdir(export_dir))):
+    return None
+  if config_lib.load_config(str(saved)).to_dict() != cfg.to_dict():
+    return None
+  _echo(f"already complete: {run_dir} finished step {cfg.train.steps} (report {report_path}"
+        f"{f', student in {export_dir}' if export_dir else ''}); nothing to do. Raise train.steps to train "
+        f"further, or use a new train.run_dir")
+  history = tuple(report_lib.read_history(str(run_dir / METRICS_FILE)))
+  return RunResult(str(run_dir), cfg.train.steps, cfg.train.steps, False, history, report, export_dir)
+
+
 def _checkpointer(cfg: config_lib.Config, run_dir: pathlib.Path) -> Any:
   from distill_jax import checkpoint
 
@@ -521,6 +577,9 @@ def train(cfg: config_lib.Config) -> RunResult:
     distributed.initialize(d.coordinator, d.num_processes, d.process_id, heartbeat_timeout_s=d.heartbeat_timeout_s,
                            initialization_timeout_s=d.initialization_timeout_s)
   run_dir = _prepare_run_dir(cfg)
+  finished = _finished_run(cfg, run_dir)
+  if finished is not None:
+    return finished
   _echo(config_lib.short_summary(cfg))
   t0 = time.perf_counter()
   run = build_run(cfg, run_dir)
@@ -554,7 +613,9 @@ def train(cfg: config_lib.Config) -> RunResult:
 
   before = _undistilled_eval(run, run_dir) if cfg.eval.before_and_after and is_main_process() else None
   logger = _Logger(run_dir, cfg, start)
-  bar = _progress(cfg, start)
+  if cfg.eval.before_and_after and start == 0:  # the undistilled eval loss (every process: a collective)
+    logger.log(0, _eval_loss(run, state, cfg.train.eval_batches))
+  bar = None  # made after the first step returns: its ETA never counts the compilation
   monitor = _StepMonitor(cfg, logger, bar, ckpt)
   preempted = False
   step = start
@@ -572,13 +633,17 @@ def train(cfg: config_lib.Config) -> RunResult:
         if 0 < nan_first <= step + 1 < nan_first + nan_count:  # test hook: a NaN teacher for these steps
           nan_teacher = nan_teacher or jax.tree.map(lambda x: x * jnp.nan, run.teacher_params)
           teacher_params = nan_teacher
+        if step == start:
+          _echo("compiling the train step ...")
         state, metrics = run.step_fn.train(state, teacher_params, _place_batch(run, batch))
+        if step == start:
+          bar = monitor.bar = _progress(cfg, start)
         step += 1
         if cfg.train.debug_step_delay:  # test hook: a slow step, for signals in mid-loop
           time.sleep(cfg.train.debug_step_delay)
         monitor.push(step, metrics, _tokens(batch))
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-          last_eval = _eval_loss(run, state, cfg.train.eval_batches)
+          last_eval = _eval_on_bar(run, state, bar, step)
           logger.log(step, last_eval)
         if ckpt.should_save(step):  # the arguments cost host work: build them on the cadence only
           ckpt.maybe_save(step, _host_state(run, state), data_state=train_it.get_state(), config=config_json,
@@ -596,7 +661,7 @@ def train(cfg: config_lib.Config) -> RunResult:
                 f"rerun the same command to resume")
           break
       if not preempted:
-        last_eval = _eval_loss(run, state, cfg.train.eval_batches)
+        last_eval = _eval_on_bar(run, state, bar, step)
         logger.log(step, last_eval)
         ckpt.maybe_save(step, _host_state(run, state), data_state=train_it.get_state(), config=config_json,
                         metrics=last_eval, force=True)
@@ -764,6 +829,7 @@ def _final_report(run: Run, params: Any, run_dir: pathlib.Path, before: Optional
   rep = report_lib.build_report(before, after, efficiency, teacher_name=str(tc.path if tc else run.main_teacher),
                                 student_name=f"{run.student.family} {run.student.num_layers} layers")
   rep["nonfinite_steps"] = [int(r["step"]) for r in history if r.get("train/nonfinite", 0) > 0]
+  rep["steps"], rep["export_dir"] = run.config.train.steps, export_dir  # what a rerun checks (_finished_run)
   report_lib.write_report(run_dir, rep, history)
   _echo(report_lib.format_table(rep))
   return rep

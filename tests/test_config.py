@@ -5,10 +5,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import glob
+import importlib.resources
 import os
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 import yaml
@@ -48,10 +50,37 @@ def test_recipe_loads_and_starts_with_its_command(path):
   assert 3 <= len(summary.splitlines()) <= 8
 
 
-def test_default_file_equals_embedded_default():
-  embedded = load_config(None)
-  assert load_config(os.path.join(ROOT, "configs", "default.yaml")) == embedded
-  assert config_lib.default_config() == embedded
+def _packaged_default():
+  return importlib.resources.files("distill_jax").joinpath("configs", "default.yaml")
+
+
+def test_default_is_package_data_and_the_repository_copy_is_the_same_file():
+  packaged = _packaged_default()
+  assert packaged.is_file()
+  with open(os.path.join(ROOT, "configs", "default.yaml"), "rb") as f:
+    assert f.read() == packaged.read_bytes()
+  cfg = load_config(None)
+  assert load_config(str(packaged)) == cfg
+  assert config_lib.default_config() == cfg
+
+
+def test_distill_jax_train_without_a_config_runs_the_packaged_default(monkeypatch):
+  import distill_jax
+  from distill_jax import cli
+
+  seen = []
+
+  def train(cfg):
+    seen.append(cfg)
+    return types.SimpleNamespace(run_dir="runs/x")
+
+  stub = types.SimpleNamespace(train=train)  # no model loads: the CLI hands its config over
+  monkeypatch.setitem(sys.modules, "distill_jax.trainer", stub)
+  monkeypatch.setattr(distill_jax, "trainer", stub, raising=False)
+  assert cli.main(["train"]) == 0
+  assert cli.main(["train", "train.steps=7"]) == 0
+  assert seen[0] == load_config(str(_packaged_default()))
+  assert seen[1] == load_config(str(_packaged_default()), ["train.steps=7"]) and seen[1].train.steps == 7
 
 
 def test_embedded_default_is_the_offline_minilm_run():
@@ -96,6 +125,20 @@ def test_overrides_nested_list_index_and_coercion():
   assert cfg.objective.terms[0].weight_schedule.kind == "linear"
 
 
+def test_overrides_list_indices_and_yaml_lists():
+  cfg = load_config(None, ["objective.terms[1].pooling=cls", "objective.terms[3].layers=[[1, 2], [2, 4]]",
+                           "objective.terms[0].weight_schedule={kind: cosine, end: 0.5}", "student.layers=[0, 3, 5]",
+                           "data.text_columns=[question, answer]", "data.text_columns[1]=context"])
+  assert cfg.objective.terms[1].pooling == "cls"
+  assert cfg.objective.terms[3].layers == ((1, 2), (2, 4))
+  assert cfg.objective.terms[0].weight_schedule == config_lib.ScheduleConfig("cosine", None, 0.5, None)
+  assert cfg.student.layers == (0, 3, 5) and cfg.data.text_columns == ("question", "context")
+  replaced = load_config(None, ["objective.terms=[{loss: pooled_cosine}, {loss: rkd_angle, weight: 2}]"])
+  assert [(t.loss, t.weight) for t in replaced.objective.terms] == [("pooled_cosine", 1.0), ("rkd_angle", 2.0)]
+  assert load_config(None, ["data.text_columns=text"]).data.text_columns == ("text",)  # one name, no list
+  assert load_config(None, ["export.dir=${train.run_dir}/hf"]).export.dir == "runs/default/hf"  # interpolation
+
+
 def test_override_appends_a_term_and_adds_a_teacher():
   cfg = load_config(None, ["objective.terms[4].loss=pooled_cosine",
                            "teachers.other.path=bert-base-uncased", "teachers.other.task=encoder",
@@ -117,19 +160,22 @@ def test_override_of_a_section_missing_from_the_file(tmp_path):
 
 def test_int_to_float_allowed_str_to_int_rejected():
   assert load_config(None, ["optimizer.learning_rate=1"]).optimizer.learning_rate == 1.0
-  with pytest.raises(ConfigError, match=r"^config: train\.steps must be an int, got str 'ten'$"):
+  with pytest.raises(ConfigError, match=r"^config: train\.steps: Input should be a valid integer, got 'ten'$"):
     load_config(None, ["train.steps=ten"])
-  with pytest.raises(ConfigError, match=r"train\.steps must be an int, got str '10'"):
+  with pytest.raises(ConfigError, match=r"train\.steps: Input should be a valid integer, got '10'"):
     load_config(None, ["train.steps='10'"])
-  with pytest.raises(ConfigError, match=r"train\.steps must be an int, got float 1\.5"):
+  with pytest.raises(ConfigError, match=r"train\.steps: Input should be a valid integer, got 1\.5"):
     load_config(None, ["train.steps=1.5"])
-  with pytest.raises(ConfigError, match=r"export\.enabled must be a bool"):
+  with pytest.raises(ConfigError, match=r"export\.enabled: Input should be a valid boolean"):
     load_config(None, ["export.enabled=1"])
 
 
 def test_yaml_scientific_notation_without_dot_is_a_float(tmp_path):
-  raw = _minimal(optimizer={"learning_rate": "1e-4"})
-  assert config_from_dict(raw).optimizer.learning_rate == 1e-4
+  # PyYAML (YAML 1.1) reads `1e-4` as a string; OmegaConf's loader reads the number.
+  path = tmp_path / "c.yaml"
+  path.write_text(yaml.safe_dump(MINIMAL) + "optimizer: {learning_rate: 1e-4}\n")
+  assert load_config(str(path)).optimizer.learning_rate == 1e-4
+  assert load_config(str(path), ["optimizer.learning_rate=3e-5"]).optimizer.learning_rate == 3e-5
 
 
 # ---------------------------------------------------------------------------- round trips
@@ -161,7 +207,7 @@ def test_config_is_frozen():
 
 
 def test_direct_construction_validates():
-  with pytest.raises(ConfigError, match=r"^config: train\.steps must be >= 1, got 0$"):
+  with pytest.raises(ConfigError, match=r"^config: train\.steps: Input should be greater than or equal to 1, got 0$"):
     config_lib.TrainConfig(steps=0)
   cfg = config_lib.Config(teachers={"t": {"path": "gpt2"}},
                           objective={"terms": [{"loss": "forward_kl", "temperature": 2}]})
@@ -178,29 +224,29 @@ BAD = [
     (["train.stepz=3"], r"unknown key 'train\.stepz' \(did you mean 'steps'\?\); allowed: steps, seed, "),
     (["objective.terms[0].temprature=2"], r"unknown key 'objective\.terms\[0\]\.temprature'"),
     (["teacher.pth=x"], r"unknown key 'teachers\.teacher\.pth'.*allowed: path, task"),
-    (["train.steps=ten"], r"train\.steps must be an int, got str 'ten'"),
-    (["objective.terms[0]=5"], r"objective\.terms\[0\] must be a mapping, got int 5"),
-    (["objective.terms[2].temperature=-1"], r"objective\.terms\[2\]\.temperature must be > 0, got -1"),
+    (["train.steps=ten"], r"^config: train\.steps: Input should be a valid integer, got 'ten'$"),
+    (["objective.terms[0]=5"], r"objective\.terms\[0\]: Input should be a dictionary .*, got 5$"),
+    (["objective.terms[2].temperature=-1"], r"objective\.terms\[2\]\.temperature: Input should be greater than 0, got -1"),
     (["objective.terms[0].loss=generalized_jsd", "objective.terms[0].beta=1.5"],
-     r"objective\.terms\[0\]\.beta must be in \[0, 1\], got 1\.5"),
+     r"objective\.terms\[0\]\.beta: Input should be less than or equal to 1, got 1\.5"),
     (["objective.terms[0].loss=generalized_jsd", "objective.terms[0].beta=-0.1"],
-     r"objective\.terms\[0\]\.beta must be in \[0, 1\], got -0\.1"),
+     r"objective\.terms\[0\]\.beta: Input should be greater than or equal to 0, got -0\.1"),
     ([f"objective.terms[{i}].weight=0" for i in range(4)], r"objective\.terms: all weights are zero"),
-    (["objective.terms[1].weight=-1"], r"objective\.terms\[1\]\.weight must be >= 0, got -1"),
-    (["optimizer.name=adam"], r"optimizer\.name must be one of adamw, adafactor, sgd, got str 'adam'"),
-    (["objective.terms[0].projection=mlp"], r"objective\.terms\[0\]\.projection must be one of none, linear"),
-    (["objective.terms[0].pooling=max"], r"objective\.terms\[0\]\.pooling must be one of mean, cls"),
-    (["mesh.mode=shard_map"], r"mesh\.mode must be one of jit, pmap"),
-    (["data.global_batch_size=0"], r"data\.global_batch_size must be >= 1, got 0"),
-    (["data.global_batch_size=-8"], r"data\.global_batch_size must be >= 1, got -8"),
+    (["objective.terms[1].weight=-1"], r"objective\.terms\[1\]\.weight: Input should be greater than or equal to 0, got -1"),
+    (["optimizer.name=adam"], r"optimizer\.name: Input should be 'adamw', 'adafactor' or 'sgd', got 'adam'"),
+    (["objective.terms[0].projection=mlp"], r"objective\.terms\[0\]\.projection: Input should be 'none' or 'linear'"),
+    (["objective.terms[0].pooling=max"], r"objective\.terms\[0\]\.pooling: Input should be 'mean' or 'cls'"),
+    (["mesh.mode=shard_map"], r"mesh\.mode: Input should be 'jit' or 'pmap'"),
+    (["data.global_batch_size=0"], r"data\.global_batch_size: Input should be greater than or equal to 1, got 0"),
+    (["data.global_batch_size=-8"], r"data\.global_batch_size: Input should be greater than or equal to 1, got -8"),
     (["objective.terms[0].teacher=nobody"], r"objective\.terms\[0\]\.teacher must name a teacher \(teacher\), got 'nobody'"),
     (["student.teacher=nobody"], r"student\.teacher must name a teacher \(teacher\), got 'nobody'"),
     (["train.steps"], r"malformed override 'train\.steps'; expected key\.sub=value"),
     (["=3"], r"malformed override '=3'"),
     (["train..steps=3"], r"malformed override 'train\.\.steps=3'"),
     (["objective.terms[9].weight=1"], r"objective\.terms\[9\] is out of range \(objective\.terms has 4 items\)"),
-    (["train.steps.x=1"], r"train\.steps is not a section"),
-    (["teacher.task=seq2seq"], r"teachers\.teacher\.task must be one of causal_lm, masked_lm, sequence_classification, encoder"),
+    (["train.steps.x=1"], r"train\.steps: Input should be a valid integer, got \{'x': 1\}"),
+    (["teacher.task=seq2seq"], r"teachers\.teacher\.task: Input should be 'causal_lm', 'masked_lm', 'sequence_classification' or 'encoder'"),
     (["student.init=path"], r"student\.path is required when student\.init is 'path'"),
     (["student.hidden_size=128"], r"student\.hidden_size cannot change when student\.init is 'from_teacher'"),
     (["student.layers=[0, 2]"], r"student\.num_layers must equal len\(student\.layers\) = 2, got 3"),
@@ -215,19 +261,20 @@ BAD = [
      r"distributed\.process_id is required when distributed\.coordinator is set"),
     (["distributed.num_processes=2", "distributed.process_id=2"], r"distributed\.process_id must be in \[0, 2\), got 2"),
     (["distributed.num_processes=3"], r"data\.global_batch_size \(16\) must be divisible by distributed\.num_processes \(3\)"),
-    (["data.validation_fraction=1.5"], r"data\.validation_fraction must be in \(0, 1\), got 1\.5"),
-    (["optimizer.learning_rate=0"], r"optimizer\.learning_rate must be > 0, got 0"),
-    (["optimizer.clip_norm=-1"], r"optimizer\.clip_norm must be > 0 or null"),
-    (["checkpoint.best_mode=lowest"], r"checkpoint\.best_mode must be one of min, max"),
-    (["checkpoint.keep_best=-1"], r"^config: checkpoint\.keep_best must be >= 0, got -1$"),
-    (["eval.throughput_batches=-2"], r"^config: eval\.throughput_batches must be >= 0, got -2$"),
-    (["objective.terms[0].temperature_schedule={kind: linear, start: 2, end: 0}"],
+    (["data.validation_fraction=1.5"], r"data\.validation_fraction: Input should be less than 1, got 1\.5"),
+    (["optimizer.learning_rate=0"], r"optimizer\.learning_rate: Input should be greater than 0, got 0"),
+    (["optimizer.clip_norm=-1"], r"optimizer\.clip_norm: Input should be greater than 0"),
+    (["checkpoint.best_mode=lowest"], r"checkpoint\.best_mode: Input should be 'min' or 'max'"),
+    (["checkpoint.keep_best=-1"], r"^config: checkpoint\.keep_best: Input should be greater than or equal to 0, got -1$"),
+    (["eval.throughput_batches=-2"], r"^config: eval\.throughput_batches: Input should be greater than or equal to 0, got -2$"),
+    (["objective.terms[0].loss=forward_kl", "objective.terms[0].pooling=null",
+      "objective.terms[0].temperature_schedule={kind: linear, start: 2, end: 0}"],
      r"objective\.terms\[0\]\.temperature_schedule\.end must be > 0, got 0"),
     (["objective.terms[0].weight_schedule={kind: step}"],
-     r"objective\.terms\[0\]\.weight_schedule\.kind must be one of constant, linear, cosine"),
+     r"objective\.terms\[0\]\.weight_schedule\.kind: Input should be 'constant', 'linear' or 'cosine'"),
     (["teachers={}"], r"teachers must name at least one teacher"),
     (["objective.terms=[]"], r"objective\.terms must list at least one term"),
-    (["train=3"], r"^config: train must be a mapping, got int 3$"),
+    (["train=3"], r"^config: train: Input should be a dictionary or an instance of TrainConfig, got 3$"),
     ({"teacher": {"path": "gpt2"}, "teachers": {"a": {"path": "gpt2"}},
       "objective": {"terms": [{"loss": "forward_kl"}]}}, r"give either 'teacher'.*or 'teachers'"),
     ({"teacher": {"task": "causal_lm"}, "objective": {"terms": [{"loss": "forward_kl"}]}},
@@ -256,6 +303,26 @@ def test_bad_input_is_one_line_error_naming_the_field(case, pattern):
   assert "\n" not in message
   assert message.startswith("config: ")
   assert re.search(pattern, message), message
+
+
+@pytest.mark.parametrize("override, message", [
+    ("objective.terms[1].temperature=-1.0",
+     "config: objective.terms[1].temperature: Input should be greater than 0, got -1.0"),
+    ("data.max_length=long", "config: data.max_length: Input should be a valid integer, got 'long'"),
+    ("logging.jsonl=yes please", "config: logging.jsonl: Input should be a valid boolean, got 'yes please'"),
+    ("optimizer.b1=[0.9]", "config: optimizer.b1: Input should be a valid number, got [0.9]"),
+    ("checkpoint.evrey=5", "config: unknown key 'checkpoint.evrey' (did you mean 'every'?); allowed: every, "
+     "keep_last, keep_best, best_metric, best_mode, async_save, fallback, resume"),
+    ("objective.terms[1].temprature=2", "config: unknown key 'objective.terms[1].temprature' (did you mean "
+     "'temperature'?); allowed: loss, weight, name, teacher, layers, projection, temperature, positions, beta, "
+     "normalized, skew, label_smoothing, kind, pooling, include_embeddings, weight_schedule, temperature_schedule"),
+])
+def test_pydantic_errors_are_one_line_naming_the_dotted_field(tmp_path, override, message):
+  path = tmp_path / "c.yaml"
+  path.write_text(yaml.safe_dump(_minimal(objective={"terms": [{"loss": "forward_kl"}, {"loss": "reverse_kl"}]})))
+  with pytest.raises(ConfigError) as info:
+    load_config(str(path), [override])
+  assert str(info.value) == message
 
 
 def test_unknown_key_lists_allowed_keys_top_level():

@@ -10,13 +10,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
 from test_reliability import (STEPS, checkpoint_state, cli_command, error_line, exported_params, jax_cache,  # noqa: F401
-                              loss_history, ok, reference, run_cli, tiny_gpt2)
+                              loss_history, ok, reference, rows, run_cli, tiny_gpt2)
 
 
 @pytest.fixture()
@@ -36,15 +37,31 @@ def test_run_directory_holds_everything(reference):  # noqa: F811
   assert [s for s, *_ in loss_history(reference)] == list(range(1, STEPS + 1))
   assert all(np.isfinite(loss) for _, loss, *_ in loss_history(reference))
   student = {p.name for p in (reference / "student").iterdir()}
-  assert {"config.json", "model.safetensors", "flax_model.msgpack", "tokenizer.json"} <= student
+  assert {"config.json", "model.safetensors", "tokenizer.json"} <= student
+  assert oct((reference / "student" / "model.safetensors").stat().st_mode & 0o777) == "0o644"
+  eval_steps = [r["step"] for r in rows(reference) if "eval/loss" in r]
+  assert eval_steps[0] == 0 and eval_steps[-1] == STEPS  # the undistilled eval loss starts the eval curve
   report = json.loads((reference / "report.json").read_text())
-  rows = {r["name"]: r for r in report["metrics"]}
+  by_name = {r["name"]: r for r in report["metrics"]}
   # Before and after distillation, against the teacher (8 steps of a tiny model prove no improvement).
   for name in ("kl_teacher_student", "top1_agreement", "perplexity"):
-    assert all(np.isfinite(rows[name][k]) for k in ("undistilled", "distilled", "improvement")), rows[name]
+    assert all(np.isfinite(by_name[name][k]) for k in ("undistilled", "distilled", "improvement")), by_name[name]
   assert report["nonfinite_steps"] == []
   assert "Distillation report" in (reference / "report.md").read_text()
   assert (reference / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_run_says_so_and_touches_nothing(reference, tiny_gpt2, env):  # noqa: F811
+  from test_reliability import train_args
+
+  before = {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file()}
+  start = time.perf_counter()
+  proc = ok(run_cli(train_args(tiny_gpt2, reference), env))
+  said = proc.stdout + proc.stderr
+  assert "already complete" in said and f"finished step {STEPS}" in said
+  assert time.perf_counter() - start < 60  # no model load, eval or export
+  assert {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.slow

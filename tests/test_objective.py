@@ -11,6 +11,7 @@ import pytest
 
 import distill_jax as dj
 import tiny
+from distill_jax import config as config_lib
 from distill_jax import data
 from distill_jax import objective as objective_lib
 from distill_jax import state as state_lib
@@ -21,17 +22,17 @@ from test_step import deterministic, make_batch
 @pytest.mark.parametrize("terms, match", [
     ([{"loss": "kl"}], r"terms\[0\]\.loss: unknown loss 'kl'; allowed: attention_kl, .*forward_kl"),
     ([{"loss": "forward_kl", "beta": 0.5}], r"terms\[0\]\.beta: not an option of forward_kl"),
-    ([{"loss": "forward_kl", "temperature": -1.0}], r"terms\[0\]\.temperature: -1.0 must be > 0"),
-    ([{"loss": "forward_kl"}, {"loss": "generalized_jsd", "beta": 1.5}], r"terms\[1\]\.beta: 1.5 must be <= 1"),
-    ([{"loss": "forward_kl", "weight": 0.0}, {"loss": "hidden_mse", "weight": 0}], r"weights sum to zero"),
+    ([{"loss": "forward_kl", "temperature": -1.0}], r"terms\[0\]\.temperature: Input should be greater than 0, got -1.0"),
+    ([{"loss": "forward_kl"}, {"loss": "generalized_jsd", "beta": 1.5}], r"terms\[1\]\.beta: Input should be less than or equal to 1, got 1.5"),
+    ([{"loss": "forward_kl", "weight": 0.0}, {"loss": "hidden_mse", "weight": 0}], r"objective\.terms: all weights are zero"),
     ([{"loss": "forward_kl", "weight": -1}], r"terms\[0\]\.weight"),
     ([{"loss": "ensemble_kl"}], r"terms\[0\]\.teacher: ensemble_kl needs a list"),
     ([{"loss": "forward_kl", "teacher": ["a", "b"]}], r"terms\[0\]\.teacher"),
     ([{"loss": "hidden_mse", "layers": "every"}], r"terms\[0\]\.layers"),
-    ([{"loss": "hidden_mse", "projection": "mlp"}], r"terms\[0\]\.projection: 'mlp' is not one of none, linear"),
+    ([{"loss": "hidden_mse", "projection": "mlp"}], r"terms\[0\]\.projection: Input should be 'none' or 'linear', got 'mlp'"),
     ([{"loss": "forward_kl", "temperature_schedule": {"kind": "step"}}], r"temperature_schedule\.kind"),
     ([{"loss": "forward_kl", "weight_schedule": {"steps": 0}}], r"weight_schedule\.steps"),
-    ([], r"objective\.terms: expected a non-empty list"),
+    ([], r"objective\.terms must list at least one term"),
 ])
 def test_validate_terms_errors(terms, match):
   with pytest.raises(ValueError, match=match) as info:
@@ -42,8 +43,20 @@ def test_validate_terms_errors(terms, match):
 def test_validate_terms_names_and_recipes():
   terms = objective_lib.validate_terms([{"loss": "forward_kl"}, {"loss": "forward_kl", "temperature": 2}])
   assert [t.name for t in terms] == ["forward_kl", "forward_kl_2"]
+  assert [t.temperature for t in terms] == [1.0, 2.0] and terms[0].teacher == "teacher"  # defaults filled in
+  assert objective_lib.validate_terms(terms) == terms  # Terms are accepted as they are
+  with pytest.raises(ValueError, match=r"^config: objective\.terms\[1\]\.name: 'a' is used by an earlier term$"):
+    objective_lib.validate_terms([{"loss": "forward_kl", "name": "a"}, {"loss": "reverse_kl", "name": "a"}])
   for name, recipe in objective_lib.RECIPES.items():
     assert objective_lib.validate_terms(recipe), name
+
+
+def test_term_schema_is_the_configs():
+  assert objective_lib.Term is config_lib.TermConfig and objective_lib.Schedule is config_lib.ScheduleConfig
+  cfg = config_lib.load_config(None, ["objective.terms[0].weight_schedule={kind: linear, end: 0.0}"])
+  terms = objective_lib.validate_terms(cfg.resolved_terms())
+  assert terms == cfg.resolved_terms() and terms[0].weight_schedule.steps == cfg.train.steps
+  assert objective_lib.validate_terms(cfg.objective_terms()) == terms  # the same terms as mappings
 
 
 def test_schedules():

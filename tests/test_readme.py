@@ -2,7 +2,10 @@
 
 import pathlib
 import re
+import shlex
 import subprocess
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -26,3 +29,19 @@ def test_readme_has_exactly_two_setup_commands_and_ci_uses_the_test_one():
       ["awk", r"/<!-- ci:test -->/{f=1;next} f&&/^```/{if(b)exit; b=1; next} f&&b{print}", "README.md"],
       cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
   assert "pytest" in out and 'pip install -e ".[test]"' in out
+
+
+def _train_examples() -> list[list[str]]:
+  lines = [line.split("#")[0].strip() for block in _blocks("bash") for line in block.splitlines()]
+  return [shlex.split(line)[2:] for line in lines if line.startswith("distill-jax train ")]
+
+
+@pytest.mark.parametrize("args", _train_examples(), ids=" ".join)
+def test_readme_train_examples_are_valid_configs(args):
+  """Every `distill-jax train ...` example of README parses and validates (nothing runs)."""
+  import distill_jax as dj
+
+  path = args[0] if args and args[0].endswith(".yaml") else None
+  overrides = args[1:] if path else args
+  config = dj.load_config(str(ROOT / path) if path else None, overrides)
+  assert config.train.steps > 0

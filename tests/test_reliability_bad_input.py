@@ -38,6 +38,8 @@ def inputs(tmp_path_factory, tiny_gpt2):  # noqa: F811
   files["missing_column"].write_text("".join(f'{{"body": "line {i} of text"}}\n' for i in range(40)))
   files["empty"] = root / "empty.jsonl"
   files["empty"].write_text("")
+  files["two_lines"] = root / "two_lines.jsonl"
+  files["two_lines"].write_text('{"text": "one line of text"}\n{"text": "and another one"}\n')
   files["undecodable"] = root / "undecodable.txt"
   files["undecodable"].write_bytes(b"good line one\n" * 20 + b"bad \xff\xfe\xfa bytes \x80\x81\n" * 20)
   return files
@@ -68,6 +70,8 @@ CASES = [
     # data
     ("missing column", ["data.source=<missing_column>"], "data.text_columns"),
     ("empty file", ["data.source=<empty>"], "data.source"),
+    ("missing data file", ["data.source=<missing>.jsonl"], "data.source"),
+    ("two lines: no full batch", ["data.source=<two_lines>"], "data.global_batch_size"),
     ("undecodable bytes", ["data.source=<undecodable>", "data.format=text"], "data.source"),
     ("global batch not divisible by devices", ["data.global_batch_size=6"], "data.global_batch_size"),
 ]
@@ -103,6 +107,29 @@ def test_bad_input_is_one_line_naming_the_field(case, overrides, field, inputs, 
   assert _snapshot(existing_run) == before, case
 
 
+DATA_AND_DEVICE_CASES = [c for c in CASES if c[2].startswith("data.") or c[2] == "mesh"]
+
+
+@pytest.mark.parametrize("case, overrides, field", DATA_AND_DEVICE_CASES, ids=[c[0] for c in DATA_AND_DEVICE_CASES])
+def test_data_and_device_errors_come_before_any_model_load(case, overrides, field, inputs, existing_run, capsys,
+                                                           monkeypatch):
+  from distill_jax import cli, models
+
+  def no_model(*args, **kwargs):
+    raise AssertionError(f"{case}: a model was loaded before the data/device check")
+
+  monkeypatch.setattr(models, "load_model", no_model)
+  monkeypatch.setattr(models, "model_from_config", no_model)
+  values = {k: str(v) for k, v in inputs.items()} | {"missing": str(existing_run.parent / "no_such_file")}
+  for name, value in values.items():
+    overrides = [o.replace(f"<{name}>", value) for o in overrides]
+  before = _snapshot(existing_run)
+  assert cli.main(_base(inputs["teacher"], existing_run) + overrides) != 0
+  errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("distill-jax: error:")]
+  assert len(errors) == 1 and field in errors[0], (case, errors)
+  assert _snapshot(existing_run) == before
+
+
 @pytest.mark.slow
 def test_a_changed_model_shape_refuses_to_resume_an_existing_run(tmp_path, inputs, capsys):
   from distill_jax import cli
@@ -133,7 +160,7 @@ def test_cli_process_exit_code_and_traceback_only_with_debug(tmp_path, jax_cache
 
 
 @pytest.mark.slow
-def test_cli_process_data_error_after_models_load_is_one_line(tmp_path, inputs, jax_cache):  # noqa: F811
+def test_cli_process_data_error_is_one_line(tmp_path, inputs, jax_cache):  # noqa: F811
   args = _base(inputs["teacher"], tmp_path / "run") + [f"data.source={inputs['empty']}"]
   proc = subprocess.run(cli_command(*args), env=cli_env(jax_cache), capture_output=True, text=True, timeout=300)
   line = error_line(proc)
