@@ -32,7 +32,7 @@ def test_step_all_modes_and_dtypes(tmp_path):
   assert [r["devices"] for r in rows] == [1, 2, 2]
   for r in rows:
     assert r["tokens_per_s"] > 0 and r["flops_per_step"] > 0 and r["compile_s"] > 0
-  assert "| tiny | jit | float32 |" in stdout
+  assert "| tiny | 2 | jit | float32 |" in stdout  # preset, teacher layers, mode, dtype
 
 
 def test_flop_accounting_counts_tied_and_untied_heads():

@@ -68,7 +68,8 @@ def tokenizer_for(family: str) -> transformers.PreTrainedTokenizerFast:
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-        sep_token="[SEP]", mask_token="[MASK]", model_max_length=128)
+        sep_token="[SEP]", mask_token="[MASK]", model_max_length=128,
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"])  # as BERT's own tokenizers
   tok = _trained_tokenizer("gpt")
   return transformers.PreTrainedTokenizerFast(
       tokenizer_object=Tokenizer.from_str(tok.to_str()), pad_token="<pad>", unk_token="<unk>",

@@ -4,7 +4,7 @@
 * `load_model` reads and verifies HF checkpoints (safetensors / bin / msgpack, sharded),
   `Model.save_pretrained` writes ones transformers (PyTorch) loads;
 * `init_student`, `layer_map`, `check_vocab` (see `students.py`);
-* `generate`: jitted KV-cache decoding for the decoder families (see `generate.py`).
+* `generate.generate`: jitted KV-cache decoding for the decoder families.
 
 Families: decoders (`decoder.py`: Llama 1-3.x, Mistral, Qwen2/2.5, Qwen3, Gemma 1-3, SmolLM2/3,
 GPT-2) and encoders (`encoder.py`: BERT, RoBERTa, DistilBERT), their layers scanned.
@@ -20,9 +20,6 @@ __all__ = [
     "DECODER_FAMILIES", "ENCODER_FAMILIES", "FAMILIES", "LAYER_STRATEGIES", "Model", "ModelOutputs",
     "OUTPUT_NAMES", "POOLINGS", "TASKS", "check_task", "check_vocab", "family_module", "init_params",
     "init_student", "layer_map", "load_config", "load_model", "logical_axes", "model_from_config", "pool",
-    "student_config", "generate",
+    "student_config",
 ]
 
-
-# Last: binding the function replaces the submodule attribute of the same name.
-from distill_jax.models.generate import generate  # noqa: E402
