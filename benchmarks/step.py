@@ -26,7 +26,6 @@ import functools
 import os
 import sys
 import time
-from typing import Any
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -16,7 +16,7 @@ _TRAIN_HELP = """\
 Distill a teacher into a student.
 
 CONFIG is a YAML file (see configs/; each file starts with the command that runs it).
-With no CONFIG the embedded default runs: the pretrained all-MiniLM-L6-v2 encoder is
+With no CONFIG the packaged default (configs/default.yaml) runs: the pretrained all-MiniLM-L6-v2 encoder is
 distilled into a 3-layer student on the built-in Python-documentation corpus.
 
 Every option of the config can be overridden with dotted KEY=VALUE pairs, values parsed
@@ -54,6 +54,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
   cfg = config_lib.load_config(path, overrides)
   result = trainer.train(cfg)
   print(f"run directory: {result.run_dir}")
+  return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+  from distill_jax import config as config_lib
+  from distill_jax import teacher_completions
+
+  path, overrides = _split_config_and_overrides(args.items)
+  if path is not None and not os.path.isfile(path):
+    raise UserError(f"config: file {path!r} does not exist")
+  out, lines = teacher_completions.write_completions(config_lib.load_config(path, overrides))
+  print(f"wrote {lines} teacher completions to {out}")
   return 0
 
 
@@ -107,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
                  help="optional YAML config followed by dotted overrides")
   p.set_defaults(func=_cmd_train)
 
+  p = sub.add_parser("generate", help="sequence-level KD: the teacher writes completions of prompts to a jsonl",
+                     description="Continue the prompts of generate.source (column generate.prompt_column) with the "
+                     "config's main teacher (KV-cache decoding, greedy unless generate.temperature > 0) and write "
+                     "{prompt, completion} JSON lines to generate.output; train on them with "
+                     "data.text_columns=[prompt] data.completion_column=completion.")
+  p.add_argument("items", nargs="*", metavar="CONFIG.yaml [KEY=VALUE ...]",
+                 help="YAML config followed by dotted overrides")
+  p.set_defaults(func=_cmd_generate)
+
   p = sub.add_parser("eval", help="evaluate a run's latest checkpoint against its teacher and write the report",
                      description="Evaluate the latest checkpoint of RUN_DIR (task metrics, agreement with "
                      "the teacher before and after distillation, sizes and throughput) and rewrite "
@@ -118,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("export", help="export a run's student as a Hugging Face checkpoint",
                      description="Write the student of RUN_DIR (latest checkpoint, or --step) to OUT_DIR as a "
-                     "Hugging Face checkpoint: flax_model.msgpack, PyTorch-named model.safetensors, "
-                     "config and tokenizer. The write is atomic (temp dir + rename).")
+                     "Hugging Face checkpoint that transformers (PyTorch) loads: model.safetensors, config and "
+                     "tokenizer (plus the teacher's sentence-transformers modules when it had them). The write is "
+                     "atomic (temp dir + rename).")
   p.add_argument("run_dir", help="a run directory written by `distill-jax train`")
   p.add_argument("out_dir", help="where to write the checkpoint (must be empty or absent)")
   p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
@@ -128,9 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("bench", help="run a benchmark script from benchmarks/",
                      description="Hand over to benchmarks/SCRIPT.py with the remaining arguments, e.g. "
-                     "`distill-jax bench step --preset bert-base`. Scripts: step, torch_reference, "
+                     "`distill-jax bench step --preset bert-base`. Scripts: step, torch_reference, on_policy, "
                      "vocab_kl, scaling, data.")
-  p.add_argument("script", help="benchmark name (step, torch_reference, vocab_kl, scaling, data)")
+  p.add_argument("script", help="benchmark name (step, torch_reference, on_policy, vocab_kl, scaling, data)")
   p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
   p.set_defaults(func=_cmd_bench)
   return parser

@@ -31,9 +31,10 @@ from pydantic_core import ArgsKwargs, PydanticCustomError
 
 __all__ = [
     "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistributedConfig", "EvalConfig", "ExportConfig",
-    "LoggingConfig", "MeshConfig", "ObjectiveConfig", "OptimizerConfig", "PKG_PREFIX", "SELF_TEACHER", "SHAPE_KEYS",
-    "ScheduleConfig", "StudentConfig", "TeacherConfig", "TermConfig", "TrainConfig", "config_from_dict",
-    "default_config", "dump_yaml", "load_config", "resolve_model_path", "shape_diff", "short_summary", "to_yaml",
+    "GenerateConfig", "LoggingConfig", "MeshConfig", "ObjectiveConfig", "OnPolicyConfig", "OptimizerConfig",
+    "PKG_PREFIX", "SELF_TEACHER", "SHAPE_KEYS", "ScheduleConfig", "StudentConfig", "TeacherConfig", "TermConfig",
+    "TrainConfig", "config_from_dict", "default_config", "dump_yaml", "load_config", "resolve_model_path",
+    "shape_diff", "short_summary", "to_yaml",
 ]
 
 # `teachers.<name>.path: student`: the teacher is a frozen copy of the student's initial weights.
@@ -41,7 +42,7 @@ SELF_TEACHER = "student"
 # `pkg:<module>`: a model directory shipped in an installed package, `<module>.get_model_path()`.
 PKG_PREFIX = "pkg:"
 # Metric keys the train step logs besides the terms (a term named so gets a suffix).
-_RESERVED_METRICS = ("loss", "grad_norm", "nonfinite")
+_RESERVED_METRICS = ("loss", "grad_norm", "nonfinite", "on_policy")
 
 Task = Literal["causal_lm", "masked_lm", "sequence_classification", "encoder"]
 DType = Literal["float32", "bfloat16", "float16"]
@@ -348,11 +349,28 @@ class TermConfig(_Section):
     return self.temperature if self.temperature_schedule is None else self.temperature_schedule(step)
 
 
+@_section("objective.on_policy")
+class OnPolicyConfig(_Section):
+  """On-policy distillation (`objective.on_policy`, GKD, Agarwal et al. 2024; causal LM):
+  with probability `lmbda` per step the student continues the first `prompt_length` tokens
+  of each row by `max_new_tokens` sampled tokens and the logit terms score those tokens only
+  (``distill_jax.on_policy``)."""
+
+  lmbda: Unit = 0.5  # probability of an on-policy step (0: supervised only, 1: always)
+  prompt_length: PosInt = 32  # tokens of each row that prompt the student (<= data.max_length)
+  max_new_tokens: PosInt = 16
+  temperature: NonNegFloat = 1.0  # of the student's sampling (0: greedy)
+  top_k: NonNegInt = 0  # (0: off)
+  top_p: Annotated[StrictFloat, Field(gt=0, le=1)] = 1.0  # nucleus (1: off)
+
+
 @_section("objective")
 class ObjectiveConfig(_Section):
-  """The distillation objective (`objective`): a weighted sum of loss terms."""
+  """The distillation objective (`objective`): a weighted sum of loss terms, optionally on
+  the student's own samples (`on_policy`)."""
 
   terms: tuple[TermConfig, ...] = ()  # at least one, with some non-zero weight
+  on_policy: Optional[OnPolicyConfig] = None  # [off: every step on the data]
 
   @model_validator(mode="after")
   def _rules(self):
@@ -411,6 +429,8 @@ class DataConfig(_Section):
   text_columns: Annotated[tuple[str, ...], BeforeValidator(lambda v: (v,) if isinstance(v, str) else v),
                           Field(min_length=1, max_length=2)] = ("text",)
   label_column: Optional[str] = None  # class labels (sequence classification / hard-label CE)
+  # causal LM: completions of the prompts in text_columns[0]; the loss mask covers them only
+  completion_column: Optional[str] = None
   format: Literal["auto", "json", "jsonl", "csv", "tsv", "parquet", "text"] = "auto"  # of local files
   max_length: PosInt = 128  # tokens per example (causal LM: packed row length)
   global_batch_size: PosInt = 32  # examples per micro-step over all hosts/devices
@@ -428,6 +448,35 @@ class DataConfig(_Section):
   def _rules(self):
     if not self.source.strip():
       raise _invalid("@source must be 'pydoc', a hub dataset id or a local path", "source")
+    if self.completion_column is not None and len(self.text_columns) != 1:
+      raise _invalid(f"@completion_column needs exactly one prompt column in @text_columns, got "
+                     f"{list(self.text_columns)}", "completion_column", "text_columns")
+    return self
+
+
+@_section("generate")
+class GenerateConfig(_Section):
+  """Sequence-level KD (`generate`, ``distill-jax generate``): the main teacher continues the
+  prompts of a data set and writes ``{"prompt", "completion"}`` JSON lines to `output`, which
+  training reads with ``data.text_columns: [prompt]`` and ``data.completion_column: completion``."""
+
+  source: str = "pydoc"  # the prompts: as data.source
+  split: str = "train"
+  prompt_column: str = "text"
+  output: str = "teacher_completions.jsonl"
+  prompt_length: PosInt = 64  # prompt tokens kept (the first ones)
+  max_new_tokens: PosInt = 64
+  temperature: NonNegFloat = 0.0  # 0: greedy
+  top_k: NonNegInt = 0  # (0: off)
+  top_p: Annotated[StrictFloat, Field(gt=0, le=1)] = 1.0  # nucleus (1: off)
+  batch_size: PosInt = 16  # prompts per generate call
+  max_prompts: Optional[PosInt] = None  # [all]
+  seed: Int = 0  # of the sampling (temperature > 0)
+
+  @model_validator(mode="after")
+  def _rules(self):
+    if not self.output.strip():
+      raise _invalid("@output must be a non-empty path", "output")
     return self
 
 
@@ -592,6 +641,7 @@ class Config(_Section):
   eval: EvalConfig = _field(EvalConfig)
   export: ExportConfig = _field(ExportConfig)
   logging: LoggingConfig = _field(LoggingConfig)
+  generate: GenerateConfig = _field(GenerateConfig)  # `distill-jax generate` only
 
   @model_validator(mode="before")
   @classmethod
@@ -633,6 +683,10 @@ class Config(_Section):
       spec = losses[term.loss]
       if term.teacher is None and len(names) > 1 and "teacher" in spec.options and not spec.multi_teacher:
         raise _invalid(f"{path} is required when there are several teachers ({allowed})")
+    on_policy = self.objective.on_policy
+    if on_policy is not None and on_policy.prompt_length > self.data.max_length:
+      raise _invalid(f"objective.on_policy.prompt_length ({on_policy.prompt_length}) must be <= data.max_length "
+                     f"({self.data.max_length})")
     ckpt = self.checkpoint
     logged = ["eval/loss"] + [f"eval/{n}" for n in self.objective.metric_names()]
     if ckpt.keep_best and ckpt.best_metric not in logged:

@@ -9,6 +9,9 @@ Three stages, each a plain function with explicit arguments:
    * ``causal_lm``: documents packed into ``max_length`` rows, each document followed by
      EOS; ``labels`` are the next token of the packed stream (already shifted) and
      ``loss_mask`` is 0 where the label crosses a document boundary and on padding.
+     With a ``completion_column`` (sequence-level KD): one (prompt, completion) pair per
+     row, ``prompt + completion + EOS`` truncated to ``max_length`` and padded to a length
+     bucket; ``loss_mask`` is 1 exactly where the label is a completion token or the EOS.
    * ``masked_lm`` / ``sequence_classification`` / ``encoder``: one example per row,
      truncated to ``max_length`` (counted and logged once), padded to a length bucket
      (powers of two from ``min_bucket`` up to ``max_length``).
@@ -104,8 +107,9 @@ def length_buckets(max_length: int, min_bucket: int = 16) -> tuple[int, ...]:
 
 def tokenize(dataset: datasets.Dataset, tokenizer: Any, *, task: str, max_length: int,
              text_columns: Sequence[str] = ("text",), label_column: Optional[str] = None,
-             label_names: Optional[Sequence[str]] = None, bucket: bool = True, min_bucket: int = 16,
-             num_proc: Optional[int] = None, cache_dir: Optional[str] = None) -> Examples:
+             label_names: Optional[Sequence[str]] = None, completion_column: Optional[str] = None,
+             bucket: bool = True, min_bucket: int = 16, num_proc: Optional[int] = None,
+             cache_dir: Optional[str] = None) -> Examples:
   """Tokenizes a split with the teacher's tokenizer and lays it out for batching.
 
   Args:
@@ -117,6 +121,8 @@ def tokenize(dataset: datasets.Dataset, tokenizer: Any, *, task: str, max_length
     label_column: class labels, required for ``sequence_classification``.
     label_names: class names by id when labels are strings (pass the train split's
       ``Examples.label_names`` when tokenizing validation); default: sorted unique labels.
+    completion_column: ``causal_lm`` only: the column of completions of the prompts in
+      ``text_columns[0]``; the loss then covers the completion tokens only (no packing).
     bucket: pad rows to :func:`length_buckets` instead of all to ``max_length`` (not for
       ``causal_lm``, whose packed rows are all full).
     min_bucket: the shortest bucket.
@@ -134,13 +140,19 @@ def tokenize(dataset: datasets.Dataset, tokenizer: Any, *, task: str, max_length
   text_columns = (text_columns,) if isinstance(text_columns, str) else tuple(text_columns)
   if task == "sequence_classification" and label_column is None:
     raise ValueError("data.label_column: required for task 'sequence_classification'")
-  check_columns(dataset, text_columns, label_column)
+  if completion_column is not None and (task != "causal_lm" or len(text_columns) != 1):
+    raise ValueError(f"data.completion_column: needs task causal_lm and one prompt column in data.text_columns, "
+                     f"got task {task!r} and {list(text_columns)}")
+  check_columns(dataset, text_columns + ((completion_column,) if completion_column else ()), label_column)
   special_ids = tuple(sorted(set(tokenizer.all_special_ids)))
   if task == "causal_lm":
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     if eos is None:
       raise ValueError("tokenizer: causal_lm packing needs an eos_token (or sep_token) as separator")
     fn, kwargs = _tokenize_docs, dict(tokenizer=tokenizer, columns=text_columns, eos=eos)
+    if completion_column is not None:
+      fn, kwargs = _tokenize_completions, dict(tokenizer=tokenizer, prompt_column=text_columns[0],
+                                               completion_column=completion_column, eos=eos, max_length=max_length)
   else:
     fn, kwargs = _tokenize_rows, dict(tokenizer=tokenizer, columns=text_columns, max_length=max_length)
   cache_file = None
@@ -148,18 +160,22 @@ def tokenize(dataset: datasets.Dataset, tokenizer: Any, *, task: str, max_length
     from datasets.fingerprint import Hasher
 
     os.makedirs(cache_dir, exist_ok=True)
-    key = Hasher.hash([dataset._fingerprint, _tokenizer_key(tokenizer), task, max_length, text_columns])
+    key = Hasher.hash([dataset._fingerprint, _tokenizer_key(tokenizer), task, max_length, text_columns,
+                       completion_column])
     cache_file = os.path.join(cache_dir, f"tokenized-{key}.arrow")
   tokenized = dataset.map(fn, fn_kwargs=kwargs, batched=True, num_proc=num_proc, desc=f"tokenize ({task})",
                           remove_columns=[c for c in dataset.column_names if c != label_column],
                           cache_file_name=cache_file)
   pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
-  lists = {k: tokenized.data.column(k).combine_chunks() for k in ("input_ids", "token_type_ids")
+  lists = {k: tokenized.data.column(k).combine_chunks() for k in ("input_ids", "token_type_ids", "loss_mask")
            if k in tokenized.column_names}
   columns = {k: np.asarray(v.values, np.int32) for k, v in lists.items()}
   offsets = np.asarray(lists["input_ids"].offsets, np.int64)
-  if task == "causal_lm":
+  if task == "causal_lm" and completion_column is None:
     return _pack(columns["input_ids"], offsets, max_length, pad_id, special_ids)
+  if completion_column is not None:
+    columns["labels"] = np.append(columns["input_ids"][1:], pad_id).astype(np.int32)
+    columns["labels"][offsets[1:] - 1] = pad_id  # the last token of a row predicts nothing
   labels, names = None, None
   if label_column is not None:
     labels, names = _class_labels(tokenized, label_column, label_names)
@@ -191,6 +207,24 @@ def _tokenize_docs(batch: dict, *, tokenizer: Any, columns: Sequence[str], eos: 
   texts = [" ".join(t for t in parts if t) for parts in zip(*_texts(batch, columns))]
   ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
   return {"input_ids": [x + [eos] for x in ids]}
+
+
+def _tokenize_completions(batch: dict, *, tokenizer: Any, prompt_column: str, completion_column: str, eos: int,
+                          max_length: int) -> dict:
+  """``prompt + completion + [eos]`` ids per row, cut to `max_length`; ``loss_mask`` 1 where the
+  next token (the label) belongs to the completion or is the EOS."""
+  prompts, completions = _texts(batch, (prompt_column, completion_column))
+  p_ids = tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"]
+  c_ids = tokenizer(completions, add_special_tokens=False, verbose=False)["input_ids"]
+  ids, masks, truncated = [], [], []
+  for p, c in zip(p_ids, c_ids):
+    row = p + c + [eos]
+    mask = [0] * max(len(p) - 1, 0) + [1] * (len(c) + 1) + [0]
+    mask = mask[len(mask) - len(row):]  # an empty prompt: the first token has no predictor
+    ids.append(row[:max_length])
+    masks.append(mask[:max_length - 1] + [0] if len(row) > max_length else mask)
+    truncated.append(len(row) > max_length)
+  return {"input_ids": ids, "loss_mask": masks, "truncated": truncated}
 
 
 def _tokenize_rows(batch: dict, *, tokenizer: Any, columns: Sequence[str], max_length: int) -> dict:

@@ -1,4 +1,4 @@
-"""Task metrics, teacher-student agreement and efficiency measurements.
+"""Task metrics and teacher-student agreement (efficiency measurements: `efficiency.py`).
 
 Every per-batch metric is a pure, jittable function returning ``(sum, count)`` (or an
 additive count matrix), so batches, devices and hosts aggregate by plain addition and
@@ -25,9 +25,6 @@ Metric names returned by :func:`evaluate`, per task:
 from __future__ import annotations
 
 import functools
-import os
-import statistics
-import time
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import jax
@@ -36,9 +33,7 @@ import numpy as np
 import scipy.stats
 
 from distill_jax import losses
-
-LM_TASKS = ("causal_lm", "masked_lm")
-TASKS = LM_TASKS + ("sequence_classification", "encoder")
+from distill_jax.models.outputs import LM_TASKS, TASKS  # noqa: F401  (LM_TASKS: part of this module's API)
 
 # Spearman over N examples ranks N(N-1)/2 pairs; beyond this many examples, use the first.
 MAX_SPEARMAN_EXAMPLES = 2048
@@ -329,7 +324,8 @@ def finalize_stats(stats: Mapping[str, Any]) -> dict[str, float]:
   return metrics
 
 
-def _apply_kwargs(outputs: tuple[str, ...], pooling: Optional[str]) -> dict[str, Any]:
+def apply_kwargs(outputs: tuple[str, ...], pooling: Optional[str]) -> dict[str, Any]:
+  """`Model.apply` keyword arguments for `outputs` (and `pooling` when given)."""
   kwargs: dict[str, Any] = {"outputs": outputs}
   if pooling is not None:
     kwargs["pooling"] = pooling
@@ -378,7 +374,7 @@ def make_eval_step(student: Any, teacher: Any, *, shared_vocab: Optional[int] = 
       del _STEP_CACHE[next(iter(_STEP_CACHE))]
     step = jax.jit(functools.partial(
         _eval_step, student.apply, teacher.apply, task, shared_vocab,
-        _apply_kwargs(outputs_for_task(task), pooling)))
+        apply_kwargs(outputs_for_task(task), pooling)))
     _STEP_CACHE[key] = (student, teacher, step)
   return _STEP_CACHE[key][2]
 
@@ -426,123 +422,3 @@ def evaluate(student: Any, student_params: Any, teacher: Any, teacher_params: An
     teacher_NxM = np.concatenate([t for _, t in pooled])[keep_N][:MAX_SPEARMAN_EXAMPLES]
     metrics["similarity_spearman"] = similarity_spearman(student_NxH, teacher_NxM)
   return metrics
-
-
-# ---------------------------------------------------------------------- efficiency
-
-
-def count_params(params: Any) -> int:
-  """Number of scalar parameters in a pytree."""
-  return int(sum(np.size(x) for x in jax.tree.leaves(params)))
-
-
-def params_nbytes(params: Any) -> int:
-  """Bytes taken by the parameter arrays of a pytree (in their current dtypes)."""
-  return int(sum(np.size(x) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params)))
-
-
-def dir_size_bytes(path: str | os.PathLike) -> int:
-  """Total size of the regular files under ``path`` (symlinks not followed)."""
-  if os.path.isfile(path):
-    return os.path.getsize(path)
-  total = 0
-  for root, _, files in os.walk(path):
-    for name in files:
-      file_path = os.path.join(root, name)
-      if not os.path.islink(file_path):
-        total += os.path.getsize(file_path)
-  return total
-
-
-# Weight files by preference: one format's size is what a checkpoint costs to ship (an
-# export holds both Flax and PyTorch copies of the same weights).
-_WEIGHT_PATTERNS = ("model*.safetensors", "flax_model*.msgpack", "pytorch_model*.bin")
-
-
-def weights_size_bytes(path: str | os.PathLike) -> int:
-  """On-disk size of one checkpoint's weights: the first format present in `_WEIGHT_PATTERNS`.
-
-  Falls back to `dir_size_bytes` for a directory with none of them (or a single file).
-  """
-  import glob
-
-  if os.path.isdir(path):
-    for pattern in _WEIGHT_PATTERNS:
-      files = glob.glob(os.path.join(path, pattern))
-      if files:
-        return sum(os.path.getsize(f) for f in files)
-  return dir_size_bytes(path)
-
-
-def measure_throughput(model: Any, params: Any, batch: Mapping[str, Any], *, warmup: int = 2,
-                       iters: int = 10, pooling: Optional[str] = None) -> dict[str, float]:
-  """Inference throughput of ``model`` on ``batch`` on the default device.
-
-  The forward pass (the outputs :func:`evaluate` requests for the task) is jitted; the
-  first ``warmup`` calls (compilation included) are not timed; the median of ``iters``
-  timed calls, each ended by ``block_until_ready``, is used.
-
-  Args:
-    model: a model with ``.task`` and ``.apply``.
-    params: its params.
-    batch: one batch (its real examples and tokens are what is counted).
-    warmup: untimed calls first (at least 1).
-    iters: timed calls.
-    pooling: forwarded to ``apply`` when not ``None``.
-
-  Returns:
-    ``{"examples_per_s", "tokens_per_s", "seconds_per_batch"}``.
-  """
-  kwargs = _apply_kwargs(outputs_for_task(model.task), pooling)
-  forward = jax.jit(lambda p, b: model.apply(p, b, **kwargs))
-  batch = {k: jnp.asarray(v) for k, v in batch.items()}
-  for _ in range(max(warmup, 1)):
-    jax.block_until_ready(forward(params, batch))
-  times = []
-  for _ in range(max(iters, 1)):
-    start = time.perf_counter()
-    jax.block_until_ready(forward(params, batch))
-    times.append(time.perf_counter() - start)
-  seconds = max(statistics.median(times), 1e-12)
-  attention_BxT = np.asarray(batch["attention_mask"]).astype(bool)
-  return {
-      "examples_per_s": float(attention_BxT.any(-1).sum() / seconds),
-      "tokens_per_s": float(attention_BxT.sum() / seconds),
-      "seconds_per_batch": float(seconds),
-  }
-
-
-def measure_efficiency(student: Any, student_params: Any, teacher: Any, teacher_params: Any,
-                       batch: Mapping[str, Any], *, student_dir: Optional[str] = None,
-                       teacher_dir: Optional[str] = None, warmup: int = 2, iters: int = 10,
-                       pooling: Optional[str] = None) -> dict[str, Any]:
-  """Sizes and throughput of student and teacher, in the form :mod:`report` reads.
-
-  Args:
-    student: the student model.
-    student_params: its params.
-    teacher: the teacher model.
-    teacher_params: its params.
-    batch: the batch to time both on.
-    student_dir: the exported student's directory, for its on-disk size.
-    teacher_dir: the teacher checkpoint's directory, for its on-disk size.
-    warmup: see :func:`measure_throughput`.
-    iters: see :func:`measure_throughput`.
-    pooling: forwarded to ``apply`` when not ``None``.
-
-  Returns:
-    ``{"device", "{teacher,student}_params", "{teacher,student}_param_bytes",
-    "{teacher,student}_disk_bytes" (None without a dir),
-    "{teacher,student}_examples_per_s", "{teacher,student}_tokens_per_s"}``.
-  """
-  result: dict[str, Any] = {"device": jax.devices()[0].device_kind}
-  for role, model, params, path in (("teacher", teacher, teacher_params, teacher_dir),
-                                    ("student", student, student_params, student_dir)):
-    speed = measure_throughput(model, params, batch, warmup=warmup, iters=iters,
-                               pooling=pooling)
-    result[f"{role}_params"] = count_params(params)
-    result[f"{role}_param_bytes"] = params_nbytes(params)
-    result[f"{role}_disk_bytes"] = weights_size_bytes(path) if path is not None else None
-    result[f"{role}_examples_per_s"] = speed["examples_per_s"]
-    result[f"{role}_tokens_per_s"] = speed["tokens_per_s"]
-  return result

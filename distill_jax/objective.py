@@ -351,8 +351,8 @@ class Objective:
     return params
 
   def __call__(self, student_out, teacher_outs: Mapping[str, Any], batch: Mapping[str, jax.Array],
-               projection_params: Mapping[str, Any], step: jax.Array, *,
-               axis_name: Optional[str] = None) -> tuple[jax.Array, dict[str, Any]]:
+               projection_params: Mapping[str, Any], step: jax.Array, *, axis_name: Optional[str] = None,
+               logit_where: Optional[jax.Array] = None) -> tuple[jax.Array, dict[str, Any]]:
     """The loss and ``{term_name: (sum, count)}`` metrics.
 
     Args:
@@ -364,6 +364,8 @@ class Objective:
       axis_name: under `pmap`: token counts are summed over the axis and batch-relation
         terms see the gathered global batch, so the returned loss is this device's
         share of the global loss and sums add up across devices.
+      logit_where: ``[B, T]`` bool: when given (on-policy steps: the generated tokens),
+        token-level logit and label terms cover these positions whatever their `positions`.
 
     Returns:
       ``(loss, metrics)``.
@@ -373,7 +375,7 @@ class Objective:
     metrics = {}
     for b in self.bound:
       total, count = self._term(b, student_out, teacher_outs, batch, mask_BxT,
-                                projection_params.get(b.term.name), step, axis_name)
+                                projection_params.get(b.term.name), step, axis_name, logit_where)
       metrics[b.term.name] = (total, count)
       global_count = count if axis_name is None else lax.psum(count, axis_name)
       loss = loss + b.term.weight_at(step) * total / jnp.maximum(global_count, 1.0)
@@ -391,7 +393,7 @@ class Objective:
       total += float(b.term.weight_at(jnp.asarray(step))) * float(s) / max(float(c), 1.0)
     return total
 
-  def _term(self, b: _Bound, s_out, t_outs, batch, mask_BxT, proj, step, axis_name):
+  def _term(self, b: _Bound, s_out, t_outs, batch, mask_BxT, proj, step, axis_name, logit_where):
     term = b.term
     spec = LOSSES[term.loss]
     t_out = t_outs[term.teachers[0]] if term.teachers else None
@@ -399,7 +401,9 @@ class Objective:
 
     if spec.inputs in ("logits", "labels"):
       classify = s_out.logits.ndim == 2
-      if term.positions == "labels" and not classify:
+      if logit_where is not None and not classify:
+        where = logit_where
+      elif term.positions == "labels" and not classify:
         where = batch["loss_mask"].astype(bool) if "loss_mask" in batch else mask_BxT
       else:
         where = example_mask_B if classify else mask_BxT

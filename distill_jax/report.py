@@ -3,7 +3,7 @@
 :func:`build_report` joins the metrics of the undistilled student (its initialization),
 the distilled student and the teacher (``teacher_*`` entries of the same dicts, from
 :func:`distill_jax.evaluate.evaluate`) with the efficiency measurements of
-:func:`distill_jax.evaluate.measure_efficiency`.  :func:`write_report` writes
+:func:`distill_jax.efficiency.measure_efficiency`.  :func:`write_report` writes
 ``report.json``, ``report.md`` and ``curves.png`` into the run directory;
 :func:`format_table` is the terminal version.
 """

@@ -9,6 +9,8 @@ PRNG: ``key = fold_in(state.rng, state.step)``; ``dropout_rng, transform_rng =
 split(key)``.  Under `pmap` the key is further folded with the device index so that
 devices draw different dropout/masking noise.  A run is therefore a function of
 ``(seed, step)``: resuming at step ``n`` draws the same keys as an uninterrupted run.
+On-policy steps (`distill_jax.on_policy`) draw from a stream of their own; their coin is
+drawn before the device fold, so every device takes the same branch.
 
 Non-finite handling: when the loss or any gradient is NaN/inf the update is discarded —
 params and optimizer state (gradient-accumulation buffers included) are kept as they
@@ -28,6 +30,7 @@ import optax
 from jax import lax
 from jax.sharding import Mesh
 
+from distill_jax import on_policy as on_policy_lib
 from distill_jax import sharding as sharding_lib
 from distill_jax.state import TrainState, create_train_state
 
@@ -38,11 +41,12 @@ BatchTransform = Callable[[jax.Array, Batch], Batch]
 PMAP_AXIS = "batch"
 
 
+def _device_key(key: jax.Array, axis_name: Optional[str]) -> jax.Array:
+  return key if axis_name is None else jax.random.fold_in(key, lax.axis_index(axis_name))
+
+
 def _step_keys(state: TrainState, axis_name: Optional[str]) -> tuple[jax.Array, jax.Array]:
-  key = jax.random.fold_in(state.rng, state.step)
-  if axis_name is not None:
-    key = jax.random.fold_in(key, lax.axis_index(axis_name))
-  dropout_rng, transform_rng = jax.random.split(key)
+  dropout_rng, transform_rng = jax.random.split(_device_key(jax.random.fold_in(state.rng, state.step), axis_name))
   return dropout_rng, transform_rng
 
 
@@ -63,7 +67,7 @@ def _reduce_metrics(metrics: dict[str, Any], axis_name: Optional[str]) -> dict[s
 
 def train_step(state: TrainState, teacher_params: Mapping[str, Any], batch: Batch, *, student_apply: ApplyFn,
                teacher_applies: Mapping[str, ApplyFn], objective, optimizer: optax.GradientTransformation,
-               batch_transform: Optional[BatchTransform] = None,
+               batch_transform: Optional[BatchTransform] = None, on_policy: Optional[on_policy_lib.OnPolicy] = None,
                axis_name: Optional[str] = None) -> tuple[TrainState, dict[str, Any]]:
   """One distillation update.
 
@@ -77,6 +81,10 @@ def train_step(state: TrainState, teacher_params: Mapping[str, Any], batch: Batc
     optimizer: the optax transformation the state was created with.
     batch_transform: optional pure ``(rng, batch) -> batch`` run first inside the step
       (e.g. MLM dynamic masking), seen by teachers and student alike.
+    on_policy: when set, with probability ``on_policy.lmbda`` (drawn from ``(seed, step)``)
+      the step trains on the student's samples from the batch's prompts instead of the
+      batch (see `distill_jax.on_policy`), under a `lax.cond`; metrics then also hold
+      ``"on_policy"``: ``(1, 1)`` on such a step, ``(0, 1)`` else.
     axis_name: set by the `pmap` wrapper: the local batch is one shard of the global one;
       token counts are summed over the axis so the loss is the global token mean.
 
@@ -87,19 +95,35 @@ def train_step(state: TrainState, teacher_params: Mapping[str, Any], batch: Batc
   dropout_rng, transform_rng = _step_keys(state, axis_name)
   if batch_transform is not None:
     batch = batch_transform(transform_rng, batch)
-  teacher_outs = _teacher_outputs(teacher_params, batch, teacher_applies, objective)
   scale = 1.0 if axis_name is None else lax.psum(1.0, axis_name)
 
-  def loss_fn(params):
-    student_out = student_apply(params["student"], batch, outputs=objective.outputs_for("student"), train=True,
-                                rng=dropout_rng)
-    loss, metrics = objective(student_out, teacher_outs, batch, params["projections"], state.step,
-                              axis_name=axis_name)
-    # Under pmap `loss` is this device's share of the global loss; scaling by the device
-    # count makes the pmean of gradients the gradient of the global loss.
-    return loss * scale, (loss, metrics)
+  def grads_on(batch, logit_where=None):
+    teacher_outs = _teacher_outputs(teacher_params, batch, teacher_applies, objective)
 
-  grads, (loss, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
+    def loss_fn(params):
+      student_out = student_apply(params["student"], batch, outputs=objective.outputs_for("student"), train=True,
+                                  rng=dropout_rng)
+      loss, metrics = objective(student_out, teacher_outs, batch, params["projections"], state.step,
+                                axis_name=axis_name, logit_where=logit_where)
+      # Under pmap `loss` is this device's share of the global loss; scaling by the device
+      # count makes the pmean of gradients the gradient of the global loss.
+      return loss * scale, (loss, metrics)
+
+    return jax.grad(loss_fn, has_aux=True)(state.params)
+
+  if on_policy is None:
+    grads, (loss, metrics) = grads_on(batch)
+  else:
+    draw_key, sample_key = on_policy_lib.keys(jax.random.fold_in(state.rng, state.step))
+    sampled = on_policy_lib.draw(draw_key, on_policy.lmbda)
+
+    def on_samples():
+      samples = on_policy_lib.sampled_batch(on_policy, state.params["student"], batch,
+                                            _device_key(sample_key, axis_name))
+      return grads_on(samples, samples["loss_mask"].astype(bool))
+
+    grads, (loss, metrics) = lax.cond(sampled, on_samples, lambda: grads_on(batch))
+    metrics = dict(metrics, on_policy=(sampled.astype(jnp.float32), jnp.ones((), jnp.float32)))
   if axis_name is not None:
     grads = lax.pmean(grads, axis_name)
     loss = lax.psum(loss, axis_name)
@@ -204,12 +228,14 @@ def shard_teacher_params(teacher_params: Mapping[str, Any], mesh: Mesh, *,
 def make_jit_step(*, student_apply: ApplyFn, teacher_applies: Mapping[str, ApplyFn], objective,
                   optimizer: optax.GradientTransformation, mesh: Mesh, state: Any, teacher_params: Mapping[str, Any],
                   batch_transform: Optional[BatchTransform] = None,
+                  on_policy: Optional[on_policy_lib.OnPolicy] = None,
                   min_shard_size: int = sharding_lib.DEFAULT_MIN_SHARD_SIZE,
                   logical: Optional[Mapping] = None) -> JitStep:
   """Binds `train_step`/`eval_step` and jits them with `NamedSharding`s on ``mesh``.
 
   Args:
-    student_apply, teacher_applies, objective, optimizer, batch_transform: as in `train_step`.
+    student_apply, teacher_applies, objective, optimizer, batch_transform, on_policy: as in
+      `train_step` (`on_policy` applies to training only; evaluation scores the batch).
     mesh: a ``("data", "fsdp", "tensor")`` mesh from `sharding.make_mesh`.
     state: the state or its `jax.eval_shape` (only shapes are read).
     teacher_params: the teacher params or their shapes (only shapes are read).
@@ -227,7 +253,7 @@ def make_jit_step(*, student_apply: ApplyFn, teacher_applies: Mapping[str, Apply
   replicated = sharding_lib.replicated(mesh)
   common = dict(student_apply=student_apply, teacher_applies=teacher_applies, objective=objective,
                 batch_transform=batch_transform)
-  train_jit = jax.jit(functools.partial(train_step, optimizer=optimizer, **common),
+  train_jit = jax.jit(functools.partial(train_step, optimizer=optimizer, on_policy=on_policy, **common),
                       in_shardings=(state_sharding, teacher_sharding, batch_sharding),
                       out_shardings=(state_sharding, replicated), donate_argnums=0)
   eval_jit = jax.jit(functools.partial(eval_step, **common),
@@ -274,14 +300,14 @@ class PmapStep(NamedTuple):
 
 def make_pmap_step(*, student_apply: ApplyFn, teacher_applies: Mapping[str, ApplyFn], objective,
                    optimizer: optax.GradientTransformation, batch_transform: Optional[BatchTransform] = None,
-                   devices=None) -> PmapStep:
+                   on_policy: Optional[on_policy_lib.OnPolicy] = None, devices=None) -> PmapStep:
   """The same `train_step` under `jax.pmap` (``axis_name="batch"``, pmean of gradients)."""
   devices = tuple(jax.local_devices() if devices is None else devices)
   n = len(devices)
   common = dict(student_apply=student_apply, teacher_applies=teacher_applies, objective=objective,
                 batch_transform=batch_transform, axis_name=PMAP_AXIS)
-  train_p = jax.pmap(functools.partial(train_step, optimizer=optimizer, **common), axis_name=PMAP_AXIS,
-                     devices=devices, donate_argnums=0)
+  train_p = jax.pmap(functools.partial(train_step, optimizer=optimizer, on_policy=on_policy, **common),
+                     axis_name=PMAP_AXIS, devices=devices, donate_argnums=0)
   eval_p = jax.pmap(functools.partial(eval_step, **common), axis_name=PMAP_AXIS, devices=devices)
 
   def split(batch):

@@ -96,15 +96,15 @@ class Run:
 
   @property
   def main_teacher(self) -> str:
-    return _main_teacher(self.config)
+    return main_teacher(self.config)
 
 
-def _main_teacher(cfg: config_lib.Config) -> str:
+def main_teacher(cfg: config_lib.Config) -> str:
   """The teacher the student is compared with (and whose tokenizer the data uses)."""
   return cfg.student.teacher or next(iter(cfg.teachers))
 
 
-def _load_teacher(name: str, tc: config_lib.TeacherConfig) -> Any:
+def load_teacher(name: str, tc: config_lib.TeacherConfig) -> Any:
   from distill_jax import models
 
   field = f"teachers.{name}.path"
@@ -158,32 +158,11 @@ def _build_student(cfg: config_lib.Config, teachers: Mapping[str, Any]) -> Any:
   return student
 
 
-# Attention-dropout rates by HF config name (BERT/RoBERTa, DistilBERT/Llama, GPT-2).
-_ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
-
-
-def _no_attention_dropout(cfg: config_lib.Config, student: Any) -> Any:
-  """Turns off the student's attention dropout when a term matches attention probabilities.
-
-  With dropout on the probabilities, a KL to the teacher's probabilities would compare
-  against rows with zeroed entries (a large, meaningless loss).  Hidden-state dropout is kept.
-  """
-  from distill_jax import objective as objective_lib
-
-  needs = any("attention_probs" in objective_lib.LOSSES[t.loss].outputs for t in cfg.objective.terms
-              if t.loss in objective_lib.LOSSES)
-  keys = [k for k in _ATTENTION_DROPOUT_KEYS if getattr(student.hf_config, k, 0.0)]
-  if not (needs and keys):
-    return student
-  _LOG.info("student: attention dropout off (%s) because a term matches attention probabilities", ", ".join(keys))
-  return student.with_config(**{key: 0.0 for key in keys})
-
-
 def _load_models(cfg: config_lib.Config) -> tuple[Any, dict[str, Any]]:
   """The student and the teachers by name (a "student" teacher is its frozen copy)."""
-  teachers = {name: _load_teacher(name, tc) for name, tc in cfg.teachers.items()
+  teachers = {name: load_teacher(name, tc) for name, tc in cfg.teachers.items()
               if tc.path != config_lib.SELF_TEACHER}
-  student = _no_attention_dropout(cfg, _build_student(cfg, teachers))
+  student = _build_student(cfg, teachers)
   for name, tc in cfg.teachers.items():
     if tc.path == config_lib.SELF_TEACHER:
       dtype = jnp.dtype(tc.param_dtype)
@@ -201,12 +180,12 @@ def _student_task(cfg: config_lib.Config) -> str:
   return s.task or cfg.teachers[source].task
 
 
-def _early_tokenizer(cfg: config_lib.Config, main_teacher: str) -> Any:
-  """The tokenizer the data uses (the main teacher's, else the student checkpoint's), read alone."""
+def data_tokenizer(cfg: config_lib.Config, main: str) -> Any:
+  """The tokenizer the data uses (teacher `main`'s, else the student checkpoint's), read alone."""
   from distill_jax.models import checkpoints
 
-  tc = cfg.teachers[main_teacher]
-  sources = [] if tc.path == config_lib.SELF_TEACHER else [(f"teachers.{main_teacher}.path", tc.path)]
+  tc = cfg.teachers[main]
+  sources = [] if tc.path == config_lib.SELF_TEACHER else [(f"teachers.{main}.path", tc.path)]
   if cfg.student.init == "path":
     sources.append(("student.path", cfg.student.path))
   for field, path in sources:
@@ -221,7 +200,8 @@ def _load_data(cfg: config_lib.Config, tokenizer: Any, task: str, run_dir: pathl
   from distill_jax import data
 
   d = cfg.data
-  common = dict(name=d.name, text_columns=tuple(d.text_columns), label_column=d.label_column,
+  columns = tuple(d.text_columns) + ((d.completion_column,) if d.completion_column else ())
+  common = dict(name=d.name, text_columns=columns, label_column=d.label_column,
                 data_format=None if d.format == "auto" else d.format, seed=cfg.train.seed,
                 cache_dir=d.cache_dir)
   fraction = None if d.validation_split else d.validation_fraction
@@ -231,7 +211,8 @@ def _load_data(cfg: config_lib.Config, tokenizer: Any, task: str, run_dir: pathl
   if d.max_examples:
     train_ds = train_ds.select(range(min(d.max_examples, len(train_ds))))
   tok_kw = dict(task=task, max_length=d.max_length, text_columns=tuple(d.text_columns),
-                label_column=d.label_column, bucket=d.buckets, cache_dir=d.cache_dir)
+                label_column=d.label_column, completion_column=d.completion_column, bucket=d.buckets,
+                cache_dir=d.cache_dir)
   train_ex = data.tokenize(train_ds, tokenizer, **tok_kw)
   eval_ex = data.tokenize(val_ds, tokenizer, label_names=train_ex.label_names, **tok_kw)
   if data.steps_per_epoch(train_ex, d.global_batch_size) == 0:  # before the run directory is written
@@ -243,15 +224,30 @@ def _load_data(cfg: config_lib.Config, tokenizer: Any, task: str, run_dir: pathl
 
 
 def _batch_transform(cfg: config_lib.Config, task: str, tokenizer: Any, examples: Any, vocab_size: int,
-                     main_teacher: str):
+                     main: str):
   if task != "masked_lm":
     return None
   from distill_jax import data
 
   if tokenizer.mask_token_id is None:
-    raise ValueError(f"teachers.{main_teacher}.path: a masked_lm run needs a tokenizer with a mask token")
+    raise ValueError(f"teachers.{main}.path: a masked_lm run needs a tokenizer with a mask token")
   return functools.partial(data.mask_batch, mask_token_id=int(tokenizer.mask_token_id), vocab_size=int(vocab_size),
                            special_ids=tuple(int(i) for i in examples.special_ids), prob=cfg.data.mlm_probability)
+
+
+def _on_policy(cfg: config_lib.Config, student: Any, tokenizer: Any) -> Any:
+  """The step's `on_policy.OnPolicy` (the student's KV-cache sampler bound), or None."""
+  op = cfg.objective.on_policy
+  if op is None:
+    return None
+  from distill_jax import on_policy
+  from distill_jax.models import generate
+
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+  sample = functools.partial(generate.generate, student.module, max_new_tokens=op.max_new_tokens,
+                             temperature=op.temperature, top_k=op.top_k, top_p=op.top_p,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=int(pad or 0))
+  return on_policy.OnPolicy(lmbda=op.lmbda, prompt_length=op.prompt_length, sample=sample)
 
 
 def _set_precision(cfg: config_lib.Config) -> None:
@@ -274,8 +270,11 @@ def build_run(cfg: config_lib.Config, run_dir: pathlib.Path) -> Run:
   if cfg.data.global_batch_size % len(devices):
     raise ValueError(f"data.global_batch_size={cfg.data.global_batch_size} is not divisible by the "
                      f"{len(devices)} devices")
-  main = _main_teacher(cfg)
-  tokenizer = _early_tokenizer(cfg, main)
+  if cfg.objective.on_policy is not None and _student_task(cfg) != "causal_lm":
+    raise ValueError(f"objective.on_policy: on-policy distillation needs a causal_lm student, got task "
+                     f"{_student_task(cfg)!r}")
+  main = main_teacher(cfg)
+  tokenizer = data_tokenizer(cfg, main)
   train_ex, eval_ex = _load_data(cfg, tokenizer, _student_task(cfg), run_dir)
   student, teachers = _load_models(cfg)
   objective = objective_lib.build_objective(cfg.resolved_terms(), student=student, teachers=teachers)
@@ -297,7 +296,7 @@ def build_run(cfg: config_lib.Config, run_dir: pathlib.Path) -> Run:
   initial_student = jax.tree.map(np.asarray, student.params)
   teacher_applies = {n: t.apply for n, t in teachers.items()}
   step_kw = dict(student_apply=student.apply, teacher_applies=teacher_applies, objective=objective,
-                 optimizer=optimizer, batch_transform=transform)
+                 optimizer=optimizer, batch_transform=transform, on_policy=_on_policy(cfg, student, tokenizer))
   if mesh is not None:
     logical = {(name,) + path: names for name, model in {**teachers, "student": student}.items()
                for path, names in models.logical_axes(model).items()}
@@ -812,7 +811,7 @@ def _export(run: Run, params: Any, run_dir: pathlib.Path) -> str:
 
 def _final_report(run: Run, params: Any, run_dir: pathlib.Path, before: Optional[dict], history: Sequence[dict],
                   export_dir: Optional[str]) -> dict:
-  from distill_jax import evaluate as evaluate_lib, report as report_lib
+  from distill_jax import efficiency as efficiency_lib, report as report_lib
 
   after = _agreement(run, params)
   before = before if before is not None else _agreement(run, run.initial_student_params)
@@ -823,7 +822,7 @@ def _final_report(run: Run, params: Any, run_dir: pathlib.Path, before: Optional
   if tc is not None and tc.path != config_lib.SELF_TEACHER:
     resolved = config_lib.resolve_model_path(tc.path)
     teacher_dir = resolved if os.path.isdir(resolved) else None
-  efficiency = evaluate_lib.measure_efficiency(run.student, params, teacher, teacher.params, sample,
+  efficiency = efficiency_lib.measure_efficiency(run.student, params, teacher, teacher.params, sample,
                                                student_dir=export_dir, teacher_dir=teacher_dir,
                                                iters=max(run.config.eval.throughput_batches, 1))
   rep = report_lib.build_report(before, after, efficiency, teacher_name=str(tc.path if tc else run.main_teacher),

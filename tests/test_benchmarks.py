@@ -54,6 +54,7 @@ def test_torch_reference_bf16(tmp_path):
   assert rows["torch-eager"]["jax_over_torch"] > 0
 
 
+@pytest.mark.slow
 def test_scaling(tmp_path):
   out = tmp_path / "scaling.json"
   _run("scaling.py", "--preset", "tiny", "--seqs", "16", "--batches", "2", "--device-counts", "2", "--batch", "2",
@@ -64,3 +65,11 @@ def test_scaling(tmp_path):
 
 def test_gpu_script_is_valid_bash():
   subprocess.run(["bash", "-n", os.path.join(BENCH, "gpu.sh")], check=True)
+
+
+def test_on_policy_split(tmp_path):
+  out = tmp_path / "on_policy.json"
+  stdout = _run("on_policy.py", "--batch", "2", "--prompt", "4", "--new", "2", "--steps", "1", "--out", str(out))
+  (row,) = json.loads(out.read_text())["results"]
+  assert row["sample_ms"] > 0 and row["score_ms"] > 0 and row["on_policy_step_ms"] > 0
+  assert "| sample_ms | score_ms | update_ms |" in stdout

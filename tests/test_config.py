@@ -331,7 +331,7 @@ def test_unknown_key_lists_allowed_keys_top_level():
   msg = str(info.value)
   assert "unknown key 'trainer'" in msg
   assert msg.endswith("allowed: teachers, student, objective, data, optimizer, train, mesh, "
-                      "distributed, checkpoint, eval, export, logging")
+                      "distributed, checkpoint, eval, export, logging, generate")
 
 
 def test_loss_registry_errors_come_from_the_objective():

@@ -61,6 +61,38 @@ def test_packing(texts, gpt):
     assert not (b["loss_mask"] & (1 - b["attention_mask"])).any()
 
 
+@pytest.mark.parametrize("max_length", [64, 12])  # 12 truncates the longer pairs
+def test_prompt_completion_rows_score_the_completion_only(gpt, max_length):
+  pairs = datasets.Dataset.from_dict({"prompt": ["Once upon a time", "", "The cat"],
+                                      "completion": [" there was a dog.", "Hello world", " sat on the mat and slept."]})
+  ex = data.tokenize(pairs, gpt, task="causal_lm", max_length=max_length, text_columns=("prompt",),
+                     completion_column="completion", bucket=False)  # one bucket: rows in dataset order
+  batch = next(iter(data.eval_batches(ex, global_batch_size=3, process_index=0, process_count=1)))
+  eos, truncated = gpt.eos_token_id, 0
+  for row, (prompt, completion) in enumerate(zip(pairs["prompt"], pairs["completion"])):
+    p = gpt(prompt, add_special_tokens=False)["input_ids"]
+    full = p + gpt(completion, add_special_tokens=False)["input_ids"] + [eos]
+    truncated += len(full) > max_length
+    full = full[:max_length]
+    n = len(full)
+    np.testing.assert_array_equal(batch["input_ids"][row, :n], full)
+    np.testing.assert_array_equal(batch["attention_mask"][row], np.arange(batch["input_ids"].shape[1]) < n)
+    np.testing.assert_array_equal(batch["labels"][row, :n - 1], full[1:])
+    # Position j predicts token j + 1: scored exactly when that token is a completion token (or the EOS).
+    want = np.zeros(batch["input_ids"].shape[1], np.int32)
+    want[max(len(p) - 1, 0):n - 1] = 1
+    np.testing.assert_array_equal(batch["loss_mask"][row], want)
+  assert ex.num_truncated == truncated and (truncated > 0) == (max_length == 12)
+
+
+def test_completion_column_needs_one_causal_prompt_column(gpt):
+  pairs = datasets.Dataset.from_dict({"prompt": ["a"], "completion": ["b"]})
+  with pytest.raises(ValueError, match=r"^data\.completion_column: needs task causal_lm"):
+    data.tokenize(pairs, gpt, task="masked_lm", max_length=8, text_columns=("prompt",), completion_column="completion")
+  with pytest.raises(ValueError, match=r"^data\.text_columns: no column 'answer'"):
+    data.tokenize(pairs, gpt, task="causal_lm", max_length=8, text_columns=("prompt",), completion_column="answer")
+
+
 def test_buckets_shapes_and_report(mlm):
   assert mlm.buckets == (16, 32, 64)
   assert mlm.num_truncated > 0 and mlm.lengths.max() == 64

@@ -15,6 +15,7 @@ import scipy.stats
 
 # `distill_jax.evaluate` the attribute is the function; the module comes from importlib.
 ev = importlib.import_module("distill_jax.evaluate")
+eff = importlib.import_module("distill_jax.efficiency")
 
 
 class _Outputs(NamedTuple):
@@ -287,34 +288,34 @@ def test_max_batches_task_mismatch_and_empty():
 
 def test_param_counts_sizes_and_throughput(tmp_path):
   params = {"a": np.zeros((3, 4), np.float32), "b": {"c": jnp.zeros((5,), jnp.bfloat16)}}
-  assert ev.count_params(params) == 17
-  assert ev.params_nbytes(params) == 12 * 4 + 5 * 2
+  assert eff.count_params(params) == 17
+  assert eff.params_nbytes(params) == 12 * 4 + 5 * 2
   (tmp_path / "sub").mkdir()
   (tmp_path / "x.bin").write_bytes(b"a" * 100)
   (tmp_path / "sub" / "y.bin").write_bytes(b"b" * 23)
   os.symlink(tmp_path / "x.bin", tmp_path / "link.bin")
-  assert ev.dir_size_bytes(tmp_path) == 123
-  assert ev.dir_size_bytes(tmp_path / "x.bin") == 100
+  assert eff.dir_size_bytes(tmp_path) == 123
+  assert eff.dir_size_bytes(tmp_path / "x.bin") == 100
 
   student, s_params, teacher, t_params = models("causal_lm")
   batch = batched(make_data("causal_lm"), 4)[-1]  # 3 real examples + 1 padded
-  speed = ev.measure_throughput(student, s_params, batch, warmup=1, iters=3)
+  speed = eff.measure_throughput(student, s_params, batch, warmup=1, iters=3)
   assert speed["examples_per_s"] > 0
   np.testing.assert_allclose(speed["tokens_per_s"] / speed["examples_per_s"],
                              batch["attention_mask"].sum() / 3, rtol=1e-6)
-  eff = ev.measure_efficiency(student, s_params, teacher, t_params, batch,
+  sizes = eff.measure_efficiency(student, s_params, teacher, t_params, batch,
                               student_dir=str(tmp_path), warmup=1, iters=2)
-  assert eff["student_params"] == ev.count_params(s_params)
-  assert eff["student_disk_bytes"] == 123 and eff["teacher_disk_bytes"] is None
-  assert eff["teacher_examples_per_s"] > 0 and isinstance(eff["device"], str)
+  assert sizes["student_params"] == eff.count_params(s_params)
+  assert sizes["student_disk_bytes"] == 123 and sizes["teacher_disk_bytes"] is None
+  assert sizes["teacher_examples_per_s"] > 0 and isinstance(sizes["device"], str)
 
 
 def test_weights_size_counts_one_format_of_an_export(tmp_path):
   (tmp_path / "model.safetensors").write_bytes(b"s" * 40)
   (tmp_path / "flax_model.msgpack").write_bytes(b"f" * 41)
   (tmp_path / "tokenizer.json").write_bytes(b"t" * 7)
-  assert ev.weights_size_bytes(tmp_path) == 40
+  assert eff.weights_size_bytes(tmp_path) == 40
   (tmp_path / "model.safetensors").unlink()
-  assert ev.weights_size_bytes(tmp_path) == 41
+  assert eff.weights_size_bytes(tmp_path) == 41
   (tmp_path / "flax_model.msgpack").unlink()
-  assert ev.weights_size_bytes(tmp_path) == 7  # no weights file: the whole directory
+  assert eff.weights_size_bytes(tmp_path) == 7  # no weights file: the whole directory

@@ -11,6 +11,7 @@ import distill_jax as dj
 import tiny
 
 ev = importlib.import_module("distill_jax.evaluate")
+eff = importlib.import_module("distill_jax.efficiency")
 
 
 def _batch(task, rng, batch_size=4, seq_len=8):
@@ -47,8 +48,8 @@ def test_evaluate_and_efficiency_on_tiny_hf_models(tmp_path, family, task, expec
   else:
     assert self_metrics["top1_agreement"] == 1.0
     assert self_metrics["kl_teacher_student"] == pytest.approx(0.0, abs=1e-6)
-  eff = ev.measure_efficiency(student, student.params, teacher, teacher.params, batches[0],
-                              teacher_dir=path, warmup=1, iters=2)
-  assert eff["student_params"] < eff["teacher_params"]
-  assert eff["teacher_disk_bytes"] > ev.params_nbytes(teacher.params) // 2
-  assert eff["student_examples_per_s"] > 0
+  sizes = eff.measure_efficiency(student, student.params, teacher, teacher.params, batches[0],
+                                teacher_dir=path, warmup=1, iters=2)
+  assert sizes["student_params"] < sizes["teacher_params"]
+  assert sizes["teacher_disk_bytes"] > eff.params_nbytes(teacher.params) // 2
+  assert sizes["student_examples_per_s"] > 0

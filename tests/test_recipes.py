@@ -164,7 +164,8 @@ def _projection_kernels(result):
 
 def test_every_config_has_a_run_test():
   tested = {"default.yaml", "bert_to_distilbert_cls.yaml", "distilbert_mlm.yaml", "tinybert_general.yaml",
-            "minilm.yaml", "gpt2_to_small.yaml", "llama_logit_kd.yaml", "self_distill.yaml",
+            "minilm.yaml", "gpt2_to_small.yaml", "llama_logit_kd.yaml", "gkd.yaml", "seq_kd.yaml",
+            "self_distill.yaml",
             "multi_teacher.yaml", "tpu_pod.yaml", "gpu.yaml"}
   assert {os.path.basename(p) for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))} == tested
 
@@ -248,6 +249,36 @@ def test_llama_logit_kd(workdir, checkpoints, text_files):
   _check_run(cfg, result, family="llama 2")
 
 
+def test_gkd_on_policy(workdir, checkpoints, text_files):
+  # lmbda 1: every step trains on the student's samples (prompt 8 + 4 generated tokens).
+  cfg, result = _run("gkd.yaml", workdir, [
+      f"teacher.path={checkpoints('llama_teacher')}", f"student.path={checkpoints('llama_student')}",
+      f"data.source={text_files['text']}", "objective.on_policy.lmbda=1.0", "objective.on_policy.prompt_length=8",
+      "objective.on_policy.max_new_tokens=4"])
+  assert cfg.objective.on_policy.lmbda == 1.0
+  train_rows, _ = _check_run(cfg, result, family="llama 2")
+  assert all(r["train/on_policy"] == 1.0 for r in train_rows)
+
+
+def test_seq_kd_generate_then_train(workdir, checkpoints, text_files):
+  from distill_jax import cli
+
+  completions = workdir / "seq_kd" / "completions.jsonl"
+  models = [f"teacher.path={checkpoints('llama_teacher')}", f"student.path={checkpoints('llama_student')}"]
+  generate = [f"generate.source={text_files['text']}", f"generate.output={completions}", "generate.prompt_length=6",
+              "generate.max_new_tokens=5", "generate.batch_size=16", "generate.max_prompts=40"]
+  recipe = os.path.join(CONFIG_DIR, "seq_kd.yaml")
+  assert cli.main(["generate", recipe, *models, *generate]) == 0
+  first = completions.read_text()
+  lines = [json.loads(line) for line in first.splitlines()]
+  assert len(lines) == 40 and all(set(r) == {"prompt", "completion"} and r["prompt"] for r in lines)
+  assert cli.main(["generate", recipe, *models, *generate]) == 0
+  assert completions.read_text() == first  # greedy: the same file again
+  cfg, result = _run("seq_kd.yaml", workdir, [*models, f"data.source={completions}"])
+  assert cfg.data.completion_column == "completion"
+  _check_run(cfg, result, family="llama 2")
+
+
 def test_self_distill(workdir, checkpoints, text_files):
   cfg, result = _run("self_distill.yaml", workdir, [
       f"student.path={checkpoints('gpt2_student')}", f"data.source={text_files['text']}"])
@@ -280,6 +311,7 @@ def test_gpu_with_pmap(workdir, checkpoints, text_files):
   _check_run(cfg, result, family="gpt2 2")
 
 
+@pytest.mark.slow
 def test_default_run_improves_agreement_with_the_real_teacher(workdir):
   """The embedded default, reduced to 20 steps: the student moves toward the teacher."""
   run_dir = workdir / "runs" / "default"

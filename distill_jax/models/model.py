@@ -166,17 +166,6 @@ class Model:
       fields["pooled"] = pool(result["last_hidden"], attention_mask, pooling)
     return ModelOutputs(**fields)
 
-  def with_config(self, **hf_overrides) -> "Model":
-    """The same params under a config with `hf_overrides` (e.g. a dropout rate set to 0)."""
-    hf_config = copy.deepcopy(self.hf_config)
-    for key, value in hf_overrides.items():
-      setattr(hf_config, key, value)
-    spec = family_module(self.family)[0].spec_from_hf(hf_config.to_dict())
-    return dataclasses.replace(self, module=self.module.clone(spec=spec), hf_config=hf_config)
-
-  def with_remat(self, remat: str) -> "Model":
-    return dataclasses.replace(self, module=self.module.clone(remat=remat))
-
   def save_pretrained(self, params, out_dir: str | os.PathLike) -> pathlib.Path:
     """Writes `params` as an HF checkpoint transformers (PyTorch) loads.
 
@@ -223,9 +212,13 @@ def load_config(source: Any, **overrides):
   return config
 
 
-def _build(config, task: str, dtype: Any, remat: str):
+def _check_remat(remat: str) -> None:
   if remat not in REMAT_POLICIES:
     raise ValueError(f"remat: unknown {remat!r}; allowed: {', '.join(REMAT_POLICIES)}")
+
+
+def _build(config, task: str, dtype: Any, remat: str):
+  _check_remat(remat)
   fam, cls = family_module(config.model_type)
   check_task(task, config.model_type)
   spec = fam.spec_from_hf(config.to_dict())
@@ -256,8 +249,7 @@ def load_model(name_or_path: str | os.PathLike, task: str = "causal_lm", *, dtyp
   """
   check_task(task)
   _check_dtypes(dtype=dtype, param_dtype=param_dtype)
-  if remat not in REMAT_POLICIES:
-    raise ValueError(f"remat: unknown {remat!r}; allowed: {', '.join(REMAT_POLICIES)}")
+  _check_remat(remat)  # before any file is read
   path = checkpoints.resolve_checkpoint(name_or_path, revision)
   config = load_config(path, **({} if num_labels is None else {"num_labels": int(num_labels)}))
   fam, module = _build(config, task, dtype, remat)

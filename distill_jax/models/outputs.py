@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 TASKS = ("causal_lm", "masked_lm", "sequence_classification", "encoder")
+LM_TASKS = ("causal_lm", "masked_lm")  # tasks whose logits are per token
 OUTPUT_NAMES = ("logits", "hidden_states", "attention_scores", "attention_probs", "values", "pooled")
 POOLINGS = ("mean", "cls")
 
