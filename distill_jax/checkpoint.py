@@ -44,6 +44,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint._src.checkpoint_managers import preservation_policy as ocp_policy
 
 from distill_jax import preemption
+from distill_jax.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +83,6 @@ class CheckpointWriteError(CheckpointError):
 
 class CheckpointMismatchError(ValueError):
   """The saved state's structure or shapes differ from the state to restore into."""
-
-
-def _first_line(exc: BaseException, limit: int = 300) -> str:
-  text = str(exc).strip().splitlines()
-  line = text[0] if text else ""
-  if len(line) > limit:
-    line = line[:limit] + "..."
-  return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 
 
 def _find_os_error(exc: BaseException) -> OSError | None:
@@ -449,7 +442,7 @@ class Checkpointer:
     try:
       metadata = self._manager.item_metadata(step)
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointCorruptedError(step_dir, _first_line(e)) from e
+      raise CheckpointCorruptedError(step_dir, first_line(e, 300, with_type=True)) from e
     if metadata.get("state") is None:
       raise CheckpointCorruptedError(step_dir, "no readable state item")
     _check_structure(step_dir, metadata["state"], abstract_state)
@@ -463,7 +456,7 @@ class Checkpointer:
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointCorruptedError(step_dir, _first_line(e)) from e
+      raise CheckpointCorruptedError(step_dir, first_line(e, 300, with_type=True)) from e
     integrity = restored.get("integrity") if "integrity" in names else None
     if integrity is not None:
       if not isinstance(integrity, Mapping) or integrity.get("version") != _INTEGRITY_VERSION:

@@ -12,6 +12,8 @@ import os
 import sys
 from typing import Sequence
 
+from distill_jax.errors import UserError, first_line
+
 _TRAIN_HELP = """\
 Distill a teacher into a student.
 
@@ -27,10 +29,6 @@ as YAML, for example:
   distributed.coordinator=127.0.0.1:1234 distributed.num_processes=2 distributed.process_id=0
 The run resumes automatically from the latest checkpoint in train.run_dir.
 """
-
-
-class UserError(Exception):
-  """An error caused by the user's input: printed as one line, no traceback."""
 
 
 def _split_config_and_overrides(items: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -166,8 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except Exception as e:  # pylint: disable=broad-except
     if args.debug or not _is_user_error(e):
       raise
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    print(f"distill-jax: error: {msg}", file=sys.stderr)
+    print(f"distill-jax: error: {first_line(e)}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print("distill-jax: interrupted", file=sys.stderr)

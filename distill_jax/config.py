@@ -29,6 +29,8 @@ from pydantic import (BeforeValidator, ConfigDict, Field, StrictBool, StrictFloa
 from pydantic.dataclasses import dataclass as _pydantic_dataclass
 from pydantic_core import ArgsKwargs, PydanticCustomError
 
+from distill_jax.errors import UserError, first_line
+
 __all__ = [
     "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistributedConfig", "EvalConfig", "ExportConfig",
     "GenerateConfig", "LoggingConfig", "MeshConfig", "ObjectiveConfig", "OnPolicyConfig", "OptimizerConfig",
@@ -56,7 +58,7 @@ UnitOpen = Annotated[StrictFloat, Field(ge=0, lt=1)]  # [0, 1)
 Fraction = Annotated[StrictFloat, Field(gt=0, lt=1)]  # (0, 1)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
   """A problem with the user's configuration; its message is one line."""
 
 
@@ -509,17 +511,11 @@ class TrainConfig(_Section):
   eval_batches: NonNegInt = 0  # validation batches per evaluation (0: all)
   max_nonfinite_steps: PosInt = 10  # consecutive skipped non-finite steps before stopping with an error
   precision: Literal["default", "high", "highest"] = "default"  # jax_default_matmul_precision
-  debug_nonfinite_step: Int = -1  # test hook: step k (1-based) gets a NaN teacher (-1: off)
-  debug_nonfinite_count: PosInt = 1  # test hook: that many consecutive steps
-  debug_step_delay: NonNegFloat = 0.0  # test hook: seconds of sleep after each step
 
   @model_validator(mode="after")
   def _rules(self):
     if not self.run_dir.strip():
       raise _invalid("@run_dir must be a non-empty path", "run_dir")
-    if self.debug_nonfinite_step < -1 or self.debug_nonfinite_step == 0:
-      raise _invalid(f"@debug_nonfinite_step must be -1 (off) or a step >= 1, got {self.debug_nonfinite_step}",
-                     "debug_nonfinite_step")
     return self
 
 
@@ -761,7 +757,7 @@ def _override(node: DictConfig, item: str) -> None:
         _fail(f"override {item!r}: {e.full_key} is out of range ({where} has {len(items or ())} items)")
       items.append({})
     except (OmegaConfBaseException, ValueError) as e:
-      _fail(f"override {item!r}: {str(e).splitlines()[0]}")
+      _fail(f"override {item!r}: {first_line(e)}")
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
@@ -791,7 +787,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
   except yaml.YAMLError as e:
     mark = getattr(e, "problem_mark", None)
     at = f" at line {mark.line + 1}" if mark is not None else ""
-    _fail(f"cannot parse {where}{at}: {getattr(e, 'problem', None) or str(e).splitlines()[0]}")
+    _fail(f"cannot parse {where}{at}: {getattr(e, 'problem', None) or first_line(e)}")
   except (AssertionError, OmegaConfBaseException):  # a scalar document
     node = None
   if not isinstance(node, DictConfig):
@@ -803,7 +799,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
   try:
     raw = OmegaConf.to_container(node, resolve=True)
   except OmegaConfBaseException as e:
-    _fail(f"{getattr(e, 'full_key', None) or where}: {str(e).splitlines()[0]}")
+    _fail(f"{getattr(e, 'full_key', None) or where}: {first_line(e)}")
   return config_from_dict(raw)
 
 

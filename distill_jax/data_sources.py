@@ -18,6 +18,8 @@ from typing import Optional
 
 import datasets
 
+from distill_jax.errors import first_line
+
 _LOG = logging.getLogger(__name__)
 
 # File suffix -> `datasets` packaged builder.
@@ -154,17 +156,15 @@ def _load_local(path: str, data_format: Optional[str], cache_dir: Optional[str])
   try:
     return datasets.load_dataset(data_format, data_files={"train": files}, cache_dir=cache_dir, **kwargs)
   except Exception as e:  # noqa: BLE001 — parse errors surface as many types.
-    cause = str(e.__cause__ or e).splitlines()[0] if str(e.__cause__ or e) else type(e).__name__
-    raise ValueError(f"data.source: cannot read {path!r} as {data_format}: {cause}") from e
+    raise ValueError(f"data.source: cannot read {path!r} as {data_format}: {first_line(e.__cause__ or e)}") from e
 
 
 def _load_hub(name_or_id: str, config_name: Optional[str], cache_dir: Optional[str]) -> datasets.DatasetDict:
   try:
     return datasets.load_dataset(name_or_id, config_name, cache_dir=cache_dir)
   except Exception as e:  # noqa: BLE001 — datasets raises many types for "not available".
-    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise ValueError(f"data.source: hub dataset {name_or_id!r} (config {config_name!r}) is not available "
-                     f"(offline cache miss or unknown id): {msg}") from e
+                     f"(offline cache miss or unknown id): {first_line(e)}") from e
 
 
 def _pick_split(splits: datasets.DatasetDict, split: str, validation_fraction: Optional[float],

@@ -6,6 +6,8 @@ from typing import Optional, Sequence
 
 import jax
 
+from distill_jax.errors import first_line
+
 _INITIALIZED: Optional[tuple] = None
 
 
@@ -129,7 +131,7 @@ class PeerWatchdog:
       except Exception as e:  # pylint: disable=broad-except
         if self._stop.is_set():
           return
-        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        detail = first_line(e, 200)
         self.on_lost(f"distributed: process {me} lost contact with the coordinator (process 0): {detail}")
         return
       now = time.monotonic()

@@ -33,7 +33,7 @@ import numpy as np
 import scipy.stats
 
 from distill_jax import losses
-from distill_jax.models.outputs import LM_TASKS, TASKS  # noqa: F401  (LM_TASKS: part of this module's API)
+from distill_jax.models.outputs import TASKS
 
 # Spearman over N examples ranks N(N-1)/2 pairs; beyond this many examples, use the first.
 MAX_SPEARMAN_EXAMPLES = 2048

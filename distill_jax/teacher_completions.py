@@ -63,19 +63,19 @@ def write_completions(cfg: config_lib.Config) -> tuple[str, int]:
   Raises:
     ValueError: one line naming the field (teacher path, task, prompt column, empty source).
   """
-  from distill_jax import data, trainer
+  from distill_jax import data, run_setup
   from distill_jax.models import generate
 
   g = cfg.generate
-  main = trainer.main_teacher(cfg)
+  main = run_setup.main_teacher(cfg)
   tc = cfg.teachers[main]
   if tc.task != "causal_lm":
     raise ValueError(f"teachers.{main}.task: generate needs a causal_lm teacher, got {tc.task!r}")
   prompts_ds = data.load_texts(g.source, split=g.split, text_columns=(g.prompt_column,), seed=cfg.train.seed,
                                cache_dir=cfg.data.cache_dir)
   texts = list(prompts_ds[g.prompt_column])[:g.max_prompts]
-  tokenizer = trainer.data_tokenizer(cfg, main)
-  teacher = trainer.load_teacher(main, tc)
+  tokenizer = run_setup.data_tokenizer(cfg, main)
+  teacher = run_setup.load_teacher(main, tc)
   pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
   eos = _eos_ids(tokenizer)
   ids = [x for x in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if x]

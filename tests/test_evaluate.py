@@ -16,6 +16,7 @@ import scipy.stats
 # `distill_jax.evaluate` the attribute is the function; the module comes from importlib.
 ev = importlib.import_module("distill_jax.evaluate")
 eff = importlib.import_module("distill_jax.efficiency")
+LM_TASKS = importlib.import_module("distill_jax.models.outputs").LM_TASKS
 
 
 class _Outputs(NamedTuple):
@@ -39,7 +40,7 @@ class FakeModel:
         mask_BxT.sum(1, keepdims=True), 1.0)
     logits = None
     if "logits" in outputs:
-      x = h_BxTxH if self.task in ev.LM_TASKS else pooled_BxH
+      x = h_BxTxH if self.task in LM_TASKS else pooled_BxH
       logits = x @ params["head"]
     return _Outputs(logits=logits, pooled=pooled_BxH if "pooled" in outputs else None)
 
@@ -51,7 +52,7 @@ def numpy_forward(params, input_ids_BxT, mask_BxT, task):
   pooled = (h_BxTxH * m[..., None]).sum(1) / np.maximum(m.sum(1, keepdims=True), 1.0)
   if task == "encoder":
     return pooled
-  x = h_BxTxH if task in ev.LM_TASKS else pooled
+  x = h_BxTxH if task in LM_TASKS else pooled
   return x @ np.asarray(params["head"], np.float64)
 
 
@@ -72,7 +73,7 @@ def make_data(task, num_examples=11, seq_len=6, vocab=10, num_classes=4, seed=0)
           "attention_mask": attention}
   if task == "sequence_classification":
     data["labels"] = rng.integers(0, num_classes, size=num_examples).astype(np.int32)
-  elif task in ev.LM_TASKS:
+  elif task in LM_TASKS:
     labels = rng.integers(0, vocab, size=(num_examples, seq_len)).astype(np.int32)
     labels[rng.random(labels.shape) < 0.1] = -100
     data["labels"] = labels

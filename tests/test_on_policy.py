@@ -21,7 +21,7 @@ from distill_jax import state as state_lib
 from distill_jax import step as step_lib
 from distill_jax.models import generate
 from test_reliability import (assert_same_params, checkpoint_state, env, finish, jax_cache,  # noqa: F401
-                              last_train_step, loss_history, ok, rows, run_cli, start_cli, wait_for)
+                              last_train_step, loss_history, ok, rows, run_cli, start_cli, wait_for, with_faults)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT, NEW = 5, 4
@@ -208,9 +208,9 @@ def test_sigterm_and_resume_equal_an_uninterrupted_on_policy_run(tmp_path, gkd_a
   ok(run_cli(gkd_args(reference), env))
   draws = [r["train/on_policy"] for r in rows(reference) if "train/loss" in r]
   assert set(draws) == {0.0, 1.0}, draws  # lmbda 0.5: both kinds of step
-  args = gkd_args(run_dir, "train.debug_step_delay=0.5")
+  args = gkd_args(run_dir)
   log = tmp_path / "log"
-  proc = start_cli(args, env, log)
+  proc = start_cli(args, with_faults(env, step_delay=0.5), log)
   assert wait_for(lambda: last_train_step(run_dir) >= 2, proc)
   proc.send_signal(signal.SIGTERM)
   out = finish(proc, log)

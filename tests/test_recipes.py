@@ -18,6 +18,7 @@ import os
 import pytest
 
 import tiny
+from distill_jax import run_dir as run_dir_lib
 from distill_jax import trainer
 from distill_jax.config import load_config
 
@@ -124,8 +125,8 @@ def _check_run(cfg, result, *, family=None):
   assert result.step == cfg.train.steps and not result.preempted
   step_dir = os.path.join(result.run_dir, "checkpoints", str(cfg.train.steps))
   assert os.path.isdir(os.path.join(step_dir, "state")), os.listdir(result.run_dir)
-  assert os.path.isfile(os.path.join(result.run_dir, trainer.CONFIG_FILE))
-  assert load_config(os.path.join(result.run_dir, trainer.CONFIG_FILE)) == cfg
+  assert os.path.isfile(os.path.join(result.run_dir, run_dir_lib.CONFIG_FILE))
+  assert load_config(os.path.join(result.run_dir, run_dir_lib.CONFIG_FILE)) == cfg
   # The ranking metric of keep_best is one the trainer logs.
   if cfg.checkpoint.keep_best:
     assert cfg.checkpoint.best_metric in eval_rows[-1], (cfg.checkpoint.best_metric, sorted(eval_rows[-1]))
@@ -328,7 +329,7 @@ def test_default_run_improves_agreement_with_the_real_teacher(workdir):
     assert f"train/{name}" in train_rows[-1]
   assert train_rows[-1]["train/loss"] < train_rows[0]["train/loss"]
   assert os.path.isdir(os.path.join(result.run_dir, "checkpoints", "20", "state"))
-  assert os.path.isfile(os.path.join(result.run_dir, trainer.BEFORE_FILE))
+  assert os.path.isfile(os.path.join(result.run_dir, run_dir_lib.BEFORE_FILE))
   # 64 held-out pydoc paragraphs: before (the 3 copied teacher layers) vs after distillation
   # (about 0.35 -> 0.46 cosine and 0.47 -> 0.56 Spearman on a 2-core CPU).
   rows = {m["name"]: m for m in result.report["metrics"]}

@@ -66,6 +66,13 @@ def train_args(teacher: os.PathLike | str, run_dir: os.PathLike | str, *extra: s
   ]
 
 
+def with_faults(env: dict[str, str], **faults) -> dict[str, str]:
+  """`env` with test-only faults (`distill_jax.faults`: nonfinite_step, nonfinite_count, step_delay)."""
+  from distill_jax import faults as faults_lib
+
+  return dict(env, **{faults_lib.ENV: json.dumps(faults)})
+
+
 def run_cli(args: list[str], env: dict[str, str], timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
   return subprocess.run(cli_command(*args), env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -216,9 +223,9 @@ def assert_equals_reference(run_dir: pathlib.Path, reference: pathlib.Path) -> N
 def test_sigterm_saves_the_current_step_and_resume_is_exact(tmp_path, tiny_gpt2, reference, env):
   """Stop half-way with SIGTERM (exit 0, checkpoint of that step), rerun the same command."""
   run_dir = tmp_path / "run"
-  args = train_args(tiny_gpt2, run_dir, "train.debug_step_delay=0.5")
+  args = train_args(tiny_gpt2, run_dir)
   log = tmp_path / "log1"
-  proc = start_cli(args, env, log)
+  proc = start_cli(args, with_faults(env, step_delay=0.5), log)
   assert wait_for(lambda: last_train_step(run_dir) >= STEPS // 2 - 1, proc)
   proc.send_signal(signal.SIGTERM)
   out = finish(proc, log)
@@ -253,10 +260,11 @@ def test_sigkill_mid_save_and_at_random_moments_then_resume_is_exact(tmp_path, t
   seeded random delays), then the same command completes: it equals the uninterrupted run."""
   run_dir = tmp_path / "run"
   delay = 0.25
-  args = train_args(tiny_gpt2, run_dir, f"train.debug_step_delay={delay}")
+  args = train_args(tiny_gpt2, run_dir)
+  slow = with_faults(env, step_delay=delay)
   ckpts = run_dir / "checkpoints"
   saving = lambda log: ckpts.is_dir() and any("tmp" in p.name for p in ckpts.iterdir())  # noqa: E731
-  assert _kill(args, env, tmp_path / "kill0.log", saving, 0.0)
+  assert _kill(args, slow, tmp_path / "kill0.log", saving, 0.0)
   rng = random.Random(0)
   for i in (1, 2):  # once the resumed loop logs a new step, kill it at a random moment of the rest
     resume = max((int(p.name) for p in ckpts.iterdir() if p.name.isdigit()), default=0)
@@ -265,7 +273,7 @@ def test_sigkill_mid_save_and_at_random_moments_then_resume_is_exact(tmp_path, t
     looping = lambda log: (metrics.exists() and metrics.stat().st_mtime > t0  # noqa: E731
                            and last_train_step(run_dir) > resume)
     assert resume < STEPS - 2
-    assert _kill(args, env, tmp_path / f"kill{i}.log", looping, rng.uniform(0.0, (STEPS - resume - 2) * delay))
+    assert _kill(args, slow, tmp_path / f"kill{i}.log", looping, rng.uniform(0.0, (STEPS - resume - 2) * delay))
   ok(run_cli(args, env))
   assert_equals_reference(run_dir, reference)
 
@@ -284,7 +292,7 @@ def test_same_seed_is_bit_identical_and_another_seed_differs(tmp_path, tiny_gpt2
 @pytest.mark.slow
 def test_nonfinite_step_is_skipped_counted_and_reported(tmp_path, tiny_gpt2, env):
   run_dir = tmp_path / "run"
-  proc = ok(run_cli(train_args(tiny_gpt2, run_dir, "train.debug_nonfinite_step=3"), env))
+  proc = ok(run_cli(train_args(tiny_gpt2, run_dir), with_faults(env, nonfinite_step=3)))
   assert "step 3: non-finite loss or gradient; the update was skipped" in proc.stderr
   flags = {step: nonfinite for step, _, _, nonfinite in loss_history(run_dir)}
   assert flags == {s: float(s == 3) for s in range(1, STEPS + 1)}
@@ -296,8 +304,8 @@ def test_nonfinite_step_is_skipped_counted_and_reported(tmp_path, tiny_gpt2, env
 @pytest.mark.slow
 def test_consecutive_nonfinite_steps_stop_the_run_naming_the_step(tmp_path, tiny_gpt2, reference, env):
   run_dir = tmp_path / "run"
-  nan = ["train.debug_nonfinite_step=5", "train.debug_nonfinite_count=3", "train.max_nonfinite_steps=2"]
-  line = error_line(run_cli(train_args(tiny_gpt2, run_dir, *nan), env))
+  nan = with_faults(env, nonfinite_step=5, nonfinite_count=3)
+  line = error_line(run_cli(train_args(tiny_gpt2, run_dir, "train.max_nonfinite_steps=2"), nan))
   assert "train.max_nonfinite_steps=2" in line and "steps 5..6" in line and "checkpoint is step 4" in line, line
   assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()) == [2, 4]
   assert [s for s, _, _, bad in loss_history(run_dir) if bad] == [5, 6]

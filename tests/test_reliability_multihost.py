@@ -15,7 +15,7 @@ import pytest
 
 from multihost_util import free_port, kill_all
 from test_reliability import (STEPS, cli_env, exported_params, finish, jax_cache, last_train_step,  # noqa: F401
-                              loss_history, ok, run_cli, start_cli, tiny_gpt2, train_args, wait_for)
+                              loss_history, ok, run_cli, start_cli, tiny_gpt2, train_args, wait_for, with_faults)
 
 PEER_TIMEOUT = 60  # seconds the survivor may take to notice a dead peer and exit
 
@@ -25,9 +25,9 @@ def _host_args(teacher, run_dir, port: int, pid: int, *extra: str) -> list[str]:
                     f"distributed.process_id={pid}", "distributed.heartbeat_timeout_s=10", *extra)
 
 
-def _launch(teacher, run_dir, tmp_path, jax_cache, tag: str, *extra: str):  # noqa: F811
+def _launch(teacher, run_dir, tmp_path, jax_cache, tag: str, *extra: str, **faults):  # noqa: F811
   port = free_port()
-  env = cli_env(jax_cache, devices=2)
+  env = with_faults(cli_env(jax_cache, devices=2), **faults)
   logs = [tmp_path / f"{tag}_{pid}.log" for pid in range(2)]
   procs = [start_cli(_host_args(teacher, run_dir, port, pid, *extra), env, logs[pid]) for pid in range(2)]
   return procs, logs
@@ -37,7 +37,7 @@ def _launch(teacher, run_dir, tmp_path, jax_cache, tag: str, *extra: str):  # no
 @pytest.mark.multihost
 def test_two_hosts_survive_a_killed_peer_and_match_one_host(tmp_path, tiny_gpt2, jax_cache):  # noqa: F811
   run_dir = tmp_path / "run"
-  procs, logs = _launch(tiny_gpt2, run_dir, tmp_path, jax_cache, "first", "train.debug_step_delay=0.3")
+  procs, logs = _launch(tiny_gpt2, run_dir, tmp_path, jax_cache, "first", step_delay=0.3)
   try:
     assert wait_for(lambda: last_train_step(run_dir) >= 3, procs[0]), logs[0].read_text()[-3000:]
     procs[1].send_signal(signal.SIGKILL)

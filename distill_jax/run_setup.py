@@ -1,0 +1,307 @@
+"""Set-up of a run from its config: devices, tokenizer and data first, then models,
+objective, mesh, optimizer, step and state.
+
+Every config section builds its own piece; only scalars reach the jitted step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+import pathlib
+from typing import Any, Iterator, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from distill_jax import config as config_lib
+from distill_jax.errors import first_line
+
+
+_LOG = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything built from a config that the loop, `evaluate_run` and `export_run` share."""
+
+  config: config_lib.Config
+  student: Any
+  teachers: dict[str, Any]
+  objective: Any
+  train_examples: Any
+  eval_examples: Any
+  batch_transform: Any
+  mesh: Any
+  optimizer: Any
+  step_fn: Any
+  state: Any
+  teacher_params: dict[str, Any]
+  initial_student_params: Any
+  shared_vocab: Optional[int]
+
+  @property
+  def main_teacher(self) -> str:
+    return main_teacher(self.config)
+
+
+def main_teacher(cfg: config_lib.Config) -> str:
+  """The teacher the student is compared with (and whose tokenizer the data uses)."""
+  return cfg.student.teacher or next(iter(cfg.teachers))
+
+
+def load_teacher(name: str, tc: config_lib.TeacherConfig) -> Any:
+  from distill_jax import models
+
+  field = f"teachers.{name}.path"
+  path = config_lib.resolve_model_path(tc.path, field)
+  with _naming(field):
+    return models.load_model(path, tc.task, dtype=tc.dtype, param_dtype=tc.param_dtype, num_labels=tc.num_labels)
+
+
+@contextlib.contextmanager
+def _naming(field: str) -> Iterator[None]:
+  """Re-raises a model-loading error as one line that starts with the config field."""
+  try:
+    yield
+  except (ValueError, OSError) as e:
+    msg = first_line(e)
+    msg = msg[len("name_or_path: "):] if msg.startswith("name_or_path: ") else msg
+    raise ValueError(msg if msg.startswith(field) else f"{field}: {msg}") from e
+
+
+def _build_student(cfg: config_lib.Config, teachers: Mapping[str, Any]) -> Any:
+  from distill_jax import models
+
+  s = cfg.student
+  seed = cfg.train.seed if s.seed is None else s.seed
+  source_name = s.teacher or next((n for n, t in cfg.teachers.items() if t.path != config_lib.SELF_TEACHER), None)
+  if s.init == "path":
+    path = config_lib.resolve_model_path(s.path, "student.path")
+    task = s.task or (teachers[source_name].task if source_name else "causal_lm")
+    with _naming("student.path"):
+      return models.load_model(path, task, dtype=s.dtype, param_dtype="float32", num_labels=s.num_labels,
+                               remat=s.remat)
+  if source_name is None:
+    raise ValueError("student.init: self-distillation needs student.init=path (a checkpoint to start from)")
+  teacher = teachers[source_name]
+  if s.init == "from_teacher":
+    overrides = dict(s.config)
+    if s.num_labels is not None:
+      overrides["num_labels"] = s.num_labels
+    student = models.init_student(teacher, s.num_layers, layers=s.layers or None, hidden_size=s.hidden_size,
+                                  seed=seed, dtype=s.dtype, remat=s.remat, **overrides)
+  else:  # "config": a fresh init of the teacher's config with overrides
+    overrides = dict(s.config)
+    if s.num_layers is not None:
+      overrides.setdefault("num_hidden_layers", s.num_layers)
+    if s.hidden_size is not None:
+      overrides.setdefault("hidden_size", s.hidden_size)
+    student = models.model_from_config(teacher.hf_config.to_dict(), s.task or teacher.task,
+                                       tokenizer=teacher.tokenizer, seed=seed, dtype=s.dtype,
+                                       remat=s.remat, source=teacher.source, **overrides)
+  return student
+
+
+def _load_models(cfg: config_lib.Config) -> tuple[Any, dict[str, Any]]:
+  """The student and the teachers by name (a "student" teacher is its frozen copy)."""
+  teachers = {name: load_teacher(name, tc) for name, tc in cfg.teachers.items()
+              if tc.path != config_lib.SELF_TEACHER}
+  student = _build_student(cfg, teachers)
+  for name, tc in cfg.teachers.items():
+    if tc.path == config_lib.SELF_TEACHER:
+      dtype = jnp.dtype(tc.param_dtype)
+      frozen = jax.tree.map(lambda x: np.asarray(x).astype(dtype) if np.issubdtype(np.asarray(x).dtype, np.floating)
+                            else np.asarray(x), student.params)
+      teachers[name] = dataclasses.replace(student, params=frozen)
+  return student, teachers
+
+
+def _student_task(cfg: config_lib.Config) -> str:
+  """The student's task as the config implies it (its own, else its source teacher's)."""
+  s = cfg.student
+  source = s.teacher or next((n for n, t in cfg.teachers.items() if t.path != config_lib.SELF_TEACHER),
+                             next(iter(cfg.teachers)))
+  return s.task or cfg.teachers[source].task
+
+
+def data_tokenizer(cfg: config_lib.Config, main: str) -> Any:
+  """The tokenizer the data uses (teacher `main`'s, else the student checkpoint's), read alone."""
+  from distill_jax.models import checkpoints
+
+  tc = cfg.teachers[main]
+  sources = [] if tc.path == config_lib.SELF_TEACHER else [(f"teachers.{main}.path", tc.path)]
+  if cfg.student.init == "path":
+    sources.append(("student.path", cfg.student.path))
+  for field, path in sources:
+    with _naming(field):
+      tok = checkpoints.load_tokenizer(checkpoints.resolve_checkpoint(config_lib.resolve_model_path(path, field)))
+    if tok is not None:
+      return tok
+  raise ValueError(f"{sources[0][0] if sources else 'student.path'}: the checkpoint has no tokenizer files")
+
+
+def _load_data(cfg: config_lib.Config, tokenizer: Any, task: str, run_dir: pathlib.Path) -> tuple[Any, Any]:
+  from distill_jax import data
+
+  d = cfg.data
+  columns = tuple(d.text_columns) + ((d.completion_column,) if d.completion_column else ())
+  common = dict(name=d.name, text_columns=columns, label_column=d.label_column,
+                data_format=None if d.format == "auto" else d.format, seed=cfg.train.seed,
+                cache_dir=d.cache_dir)
+  fraction = None if d.validation_split else d.validation_fraction
+  train_ds = data.load_texts(d.source, split=d.split, validation_fraction=fraction, **common)
+  val_split = d.validation_split or ("validation" if d.source == data.PYDOC or fraction else d.split)
+  val_ds = data.load_texts(d.source, split=val_split, validation_fraction=fraction, **common)
+  if d.max_examples:
+    train_ds = train_ds.select(range(min(d.max_examples, len(train_ds))))
+  tok_kw = dict(task=task, max_length=d.max_length, text_columns=tuple(d.text_columns),
+                label_column=d.label_column, completion_column=d.completion_column, bucket=d.buckets,
+                cache_dir=d.cache_dir)
+  train_ex = data.tokenize(train_ds, tokenizer, **tok_kw)
+  eval_ex = data.tokenize(val_ds, tokenizer, label_names=train_ex.label_names, **tok_kw)
+  if data.steps_per_epoch(train_ex, d.global_batch_size) == 0:  # before the run directory is written
+    raise ValueError(f"data.global_batch_size: {len(train_ex.lengths)} training examples make no full batch of "
+                     f"{d.global_batch_size} (per length bucket); use more data or a smaller batch")
+  if len(eval_ex.lengths) == 0:
+    raise ValueError(f"data.validation_split: the validation split of {d.source!r} holds no examples")
+  return train_ex, eval_ex
+
+
+def _batch_transform(cfg: config_lib.Config, task: str, tokenizer: Any, examples: Any, vocab_size: int,
+                     main: str):
+  if task != "masked_lm":
+    return None
+  from distill_jax import data
+
+  if tokenizer.mask_token_id is None:
+    raise ValueError(f"teachers.{main}.path: a masked_lm run needs a tokenizer with a mask token")
+  return functools.partial(data.mask_batch, mask_token_id=int(tokenizer.mask_token_id), vocab_size=int(vocab_size),
+                           special_ids=tuple(int(i) for i in examples.special_ids), prob=cfg.data.mlm_probability)
+
+
+def _on_policy(cfg: config_lib.Config, student: Any, tokenizer: Any) -> Any:
+  """The step's `on_policy.OnPolicy` (the student's KV-cache sampler bound), or None."""
+  op = cfg.objective.on_policy
+  if op is None:
+    return None
+  from distill_jax import on_policy
+  from distill_jax.models import generate
+
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+  sample = functools.partial(generate.generate, student.module, max_new_tokens=op.max_new_tokens,
+                             temperature=op.temperature, top_k=op.top_k, top_p=op.top_p,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=int(pad or 0))
+  return on_policy.OnPolicy(lmbda=op.lmbda, prompt_length=op.prompt_length, sample=sample)
+
+
+def _set_precision(cfg: config_lib.Config) -> None:
+  if cfg.train.precision != "default":
+    jax.config.update("jax_default_matmul_precision", cfg.train.precision)
+
+
+def build_run(cfg: config_lib.Config, run_dir: pathlib.Path) -> Run:
+  """Loads models and data and builds the objective, mesh, optimizer, step and state."""
+  from distill_jax import models, objective as objective_lib, sharding, state as state_lib, step as step_lib
+
+  _set_precision(cfg)
+  import datasets
+
+  datasets.disable_progress_bars()
+  # Devices, tokenizer and data first: a bad mesh or data file is reported in seconds,
+  # before any model weights are read.
+  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) if cfg.mesh.mode == "jit" else None
+  devices = jax.devices() if mesh is None else list(mesh.devices.flat)
+  if cfg.data.global_batch_size % len(devices):
+    raise ValueError(f"data.global_batch_size={cfg.data.global_batch_size} is not divisible by the "
+                     f"{len(devices)} devices")
+  if cfg.objective.on_policy is not None and _student_task(cfg) != "causal_lm":
+    raise ValueError(f"objective.on_policy: on-policy distillation needs a causal_lm student, got task "
+                     f"{_student_task(cfg)!r}")
+  main = main_teacher(cfg)
+  tokenizer = data_tokenizer(cfg, main)
+  train_ex, eval_ex = _load_data(cfg, tokenizer, _student_task(cfg), run_dir)
+  student, teachers = _load_models(cfg)
+  objective = objective_lib.build_objective(cfg.resolved_terms(), student=student, teachers=teachers)
+  shared_vocab = None
+  if student.task in ("causal_lm", "masked_lm", "sequence_classification") and teachers[main].task == student.task:
+    shared_vocab = models.check_vocab(teachers[main], student) if student.task != "sequence_classification" else None
+  transform = _batch_transform(cfg, student.task, tokenizer, train_ex, shared_vocab or student.vocab_size, main)
+  o = cfg.optimizer
+  accum = o.grad_accum_steps
+  total_updates = max(cfg.train.steps // accum, 1)
+  # A short run (e.g. train.steps=10 for a smoke test) keeps a warm-up shorter than itself.
+  warmup = min(o.warmup_steps // accum, total_updates - 1)
+  optimizer = state_lib.make_optimizer(
+      o.name, o.learning_rate, warmup_steps=warmup, total_steps=total_updates,
+      schedule=o.schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.clip_norm,
+      grad_accum_steps=accum)
+  seed = cfg.train.seed
+  projections = objective.init_projections(jax.random.PRNGKey(seed + 1))
+  initial_student = jax.tree.map(np.asarray, student.params)
+  teacher_applies = {n: t.apply for n, t in teachers.items()}
+  step_kw = dict(student_apply=student.apply, teacher_applies=teacher_applies, objective=objective,
+                 optimizer=optimizer, batch_transform=transform, on_policy=_on_policy(cfg, student, tokenizer))
+  if mesh is not None:
+    logical = {(name,) + path: names for name, model in {**teachers, "student": student}.items()
+               for path, names in models.logical_axes(model).items()}
+    state = step_lib.init_sharded_state(student.params, optimizer, mesh, projection_params=projections, seed=seed,
+                                        logical=logical)
+    t_params = step_lib.shard_teacher_params({n: t.params for n, t in teachers.items()}, mesh, logical=logical)
+    step_fn = step_lib.make_jit_step(mesh=mesh, state=state, teacher_params=t_params, logical=logical, **step_kw)
+  else:
+    state = step_lib.replicate(state_lib.create_train_state(student.params, optimizer,
+                                                            projection_params=projections, seed=seed))
+    t_params = step_lib.replicate({n: t.params for n, t in teachers.items()})
+    step_fn = step_lib.make_pmap_step(**step_kw)
+  return Run(cfg, student, teachers, objective, train_ex, eval_ex, transform, mesh, optimizer, step_fn, state,
+             t_params, initial_student, shared_vocab)
+
+
+def host_state(run: Run, state: Any) -> Any:
+  """The state as saved: unreplicated under pmap, global (sharded) arrays under jit."""
+  from distill_jax import step as step_lib
+
+  return step_lib.unreplicate(state) if run.mesh is None else state
+
+
+def abstract_state(run: Run) -> Any:
+  """Shapes + shardings of the saved state on the current devices (for resharded restore)."""
+  state = host_state(run, run.state)
+  if run.mesh is None:
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+                      run.step_fn.state_sharding)
+
+
+def device_state(run: Run, restored: Any) -> Any:
+  from distill_jax import step as step_lib
+
+  return step_lib.replicate(jax.device_get(restored)) if run.mesh is None else restored
+
+
+def place_batch(run: Run, batch: Mapping[str, np.ndarray]) -> dict:
+  from distill_jax import sharding
+
+  if run.mesh is None:
+    return {k: np.asarray(v) for k, v in batch.items()}
+  return sharding.shard_batch(batch, run.mesh)
+
+
+def state_step(run: Run, state: Any) -> int:
+  """The state's step counter, read alone (unreplicating the whole pmap state would copy it)."""
+  return int(np.asarray(state.step[0] if run.mesh is None else state.step))
+
+
+def student_params(run: Run, state: Any) -> Any:
+  """The student's params as one host-addressable tree (for evaluation and export)."""
+  params = host_state(run, state).params["student"]
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(params, tiled=True)
+  return params
