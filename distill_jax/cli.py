@@ -100,7 +100,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _is_user_error(e: BaseException) -> bool:
   """Bad input, environment problems and our own errors: one line, no traceback."""
   ours = type(e).__module__.startswith("distill_jax")
-  return ours or isinstance(e, (UserError, ValueError, OSError, KeyError))
+  return ours or isinstance(e, (ValueError, OSError, KeyError))  # UserError is a ValueError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,4 +48,10 @@ def from_env() -> Faults:
   unknown = sorted(set(values) - set(allowed)) if isinstance(values, dict) else None
   if unknown is None or unknown:
     raise ValueError(f"{ENV}: unknown {unknown if unknown else raw!r}; allowed keys: {', '.join(allowed)}")
+  for field in dataclasses.fields(Faults):
+    value = values.get(field.name, field.default)
+    kinds = (int,) if field.type == "int" else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+      kind = "an integer" if field.type == "int" else "a number"
+      raise ValueError(f"{ENV}: {field.name} must be {kind}, got {value!r}")
   return Faults(**values)

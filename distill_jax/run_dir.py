@@ -81,6 +81,8 @@ def finished_run(cfg: config_lib.Config, run_dir: pathlib.Path) -> Optional[RunR
   export_dir = report.get("export_dir")
   if report.get("steps") != cfg.train.steps or (cfg.export.enabled and not (export_dir and os.path.isdir(export_dir))):
     return None
+  if jax.process_count() > 1:  # every process must take the same branch: multi-host reruns resume as before
+    return None
   if config_lib.load_config(str(saved)).to_dict() != cfg.to_dict():
     return None
   echo(f"already complete: {run_dir} finished step {cfg.train.steps} (report {report_path}"

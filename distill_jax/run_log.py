@@ -64,7 +64,8 @@ class Logger:
       return
     if self.path.exists():  # keep the history up to the restored step: a resumed run rewrites the rest
       kept = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-      self.rows = [r for r in kept if r.get("step", 0) <= resume_step]
+      # (a run restarted from step 0 keeps none: it logs its own step-0 eval again)
+      self.rows = [r for r in kept if r.get("step", 0) <= resume_step] if resume_step else []
       self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
     self._jsonl = open(self.path, "a", encoding="utf-8") if cfg.logging.jsonl else None
     if cfg.logging.tensorboard:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import logging
-import pathlib
 from typing import Any, Iterator, Mapping, Optional
 
 import jax
@@ -19,9 +17,6 @@ import numpy as np
 
 from distill_jax import config as config_lib
 from distill_jax.errors import first_line
-
-
-_LOG = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -144,7 +139,7 @@ def data_tokenizer(cfg: config_lib.Config, main: str) -> Any:
   raise ValueError(f"{sources[0][0] if sources else 'student.path'}: the checkpoint has no tokenizer files")
 
 
-def _load_data(cfg: config_lib.Config, tokenizer: Any, task: str, run_dir: pathlib.Path) -> tuple[Any, Any]:
+def _load_data(cfg: config_lib.Config, tokenizer: Any, task: str) -> tuple[Any, Any]:
   from distill_jax import data
 
   d = cfg.data
@@ -203,7 +198,7 @@ def _set_precision(cfg: config_lib.Config) -> None:
     jax.config.update("jax_default_matmul_precision", cfg.train.precision)
 
 
-def build_run(cfg: config_lib.Config, run_dir: pathlib.Path) -> Run:
+def build_run(cfg: config_lib.Config) -> Run:
   """Loads models and data and builds the objective, mesh, optimizer, step and state."""
   from distill_jax import models, objective as objective_lib, sharding, state as state_lib, step as step_lib
 
@@ -223,7 +218,7 @@ def build_run(cfg: config_lib.Config, run_dir: pathlib.Path) -> Run:
                      f"{_student_task(cfg)!r}")
   main = main_teacher(cfg)
   tokenizer = data_tokenizer(cfg, main)
-  train_ex, eval_ex = _load_data(cfg, tokenizer, _student_task(cfg), run_dir)
+  train_ex, eval_ex = _load_data(cfg, tokenizer, _student_task(cfg))
   student, teachers = _load_models(cfg)
   objective = objective_lib.build_objective(cfg.resolved_terms(), student=student, teachers=teachers)
   shared_vocab = None
@@ -251,6 +246,8 @@ def build_run(cfg: config_lib.Config, run_dir: pathlib.Path) -> Run:
     state = step_lib.init_sharded_state(student.params, optimizer, mesh, projection_params=projections, seed=seed,
                                         logical=logical)
     t_params = step_lib.shard_teacher_params({n: t.params for n, t in teachers.items()}, mesh, logical=logical)
+    # The teachers keep their sharded params only: no host or single-device copy stays alive.
+    teachers = {n: dataclasses.replace(t, params=t_params[n]) for n, t in teachers.items()}
     step_fn = step_lib.make_jit_step(mesh=mesh, state=state, teacher_params=t_params, logical=logical, **step_kw)
   else:
     state = step_lib.replicate(state_lib.create_train_state(student.params, optimizer,

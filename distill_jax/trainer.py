@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import os
 import pathlib
 import sys
@@ -38,9 +37,6 @@ from distill_jax.run_setup import (Run, abstract_state, build_run, device_state,
                                    student_params)
 
 __all__ = ["CONFIG_FILE", "RunResult", "TrainingError", "evaluate_run", "export_run", "train"]
-
-_LOG = logging.getLogger(__name__)
-
 
 def train(cfg: config_lib.Config) -> RunResult:
   """Runs (or resumes) the distillation described by ``cfg``.
@@ -67,7 +63,7 @@ def train(cfg: config_lib.Config) -> RunResult:
     return finished
   echo(config_lib.short_summary(cfg))
   t0 = time.perf_counter()
-  run = build_run(cfg, run_dir)
+  run = build_run(cfg)
   echo(f"models and data ready in {time.perf_counter() - t0:.1f}s: student {run.student.family} "
         f"{run.student.num_layers} layers, {len(run.train_examples.lengths)} train / "
         f"{len(run.eval_examples.lengths)} validation examples, devices: {jax.device_count()} "
@@ -123,6 +119,7 @@ def train(cfg: config_lib.Config) -> RunResult:
         state, metrics = run.step_fn.train(state, teacher_params, place_batch(run, batch))
         if step == start:
           bar = monitor.bar = progress(cfg, start)
+          monitor.t_window = time.perf_counter()  # tokens/s, like the bar's ETA, starts after the compile
         step += 1
         if faults.step_delay:
           time.sleep(faults.step_delay)
@@ -201,7 +198,7 @@ def _load_saved_run(run_dir: str, overrides: Sequence[str] = ()) -> tuple[config
 
 
 def _restore_latest(cfg: config_lib.Config, run_dir: pathlib.Path, step: Optional[int] = None) -> tuple[Run, Any, int]:
-  run = build_run(cfg, run_dir)
+  run = build_run(cfg)
   ckpt = checkpointer(cfg, run_dir)
   try:
     if ckpt.latest_step() is None:

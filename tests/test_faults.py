@@ -18,7 +18,8 @@ def test_faults_from_env(monkeypatch):
 
 
 @pytest.mark.parametrize("raw, match", [("{nope", "not a JSON object"), ('{"delay": 1}', r"unknown \['delay'\]"),
-                                        ("[1]", "unknown")])
+                                        ("[1]", "unknown"), ('{"nonfinite_step": "5"}', "must be an integer"),
+                                        ('{"step_delay": true}', "must be a number")])
 def test_bad_faults_are_one_line_errors(monkeypatch, raw, match):
   monkeypatch.setenv(faults.ENV, raw)
   with pytest.raises(ValueError, match=match) as info:

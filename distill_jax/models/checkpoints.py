@@ -46,8 +46,6 @@ def _flax_to_pt_names(flat: Mapping[tuple[str, ...], np.ndarray]) -> dict[str, n
       leaf, value = "weight", (value.T if value.ndim == 2 else value)
     elif leaf in ("embedding", "scale"):
       leaf = "weight"
-    elif leaf == "bias" and path and path[-1].lower().startswith(("layernorm", "ln", "layer_norm")):
-      leaf = "bias"
     state[".".join([*path, leaf])] = value
   return state
 

@@ -205,7 +205,7 @@ class Decoder(nn.Module):
     task: "causal_lm" (with the LM head) or "encoder" (the base model).
     dtype: compute dtype (params may be float32 or bf16; norms and softmax run in float32).
     remat: "none" | "full" | "dots": what the layer scan saves for the backward pass.
-    attention_impl: `implementation` of `jax.nn.dot_product_attention` (None = best available).
+    attention_impl: `implementation` of `jax.nn.dot_product_attention` (None: XLA's; "cudnn": cuDNN flash on GPU).
   """
 
   spec: DecoderSpec

@@ -126,7 +126,7 @@ class Encoder(nn.Module):
     task: `"masked_lm"`, `"sequence_classification"` or `"encoder"` (the base model).
     dtype: computation dtype (LayerNorm statistics and softmax are float32; logits too).
     remat: `"none"`, `"full"` or `"dots"` for the layer scan.
-    attention_impl: `implementation` of `jax.nn.dot_product_attention` (None: XLA picks).
+    attention_impl: `implementation` of `jax.nn.dot_product_attention` (None: XLA's; "cudnn": cuDNN flash on GPU).
   """
 
   spec: EncoderSpec

@@ -43,7 +43,8 @@ def dense(features: int | Sequence[int], axes: tuple[str, ...], *, use_bias: boo
   return nn.DenseGeneral(
       features=features, axis=in_axes, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
       kernel_init=nn.with_logical_partitioning(init_normal(stddev), axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-(np.ndim(features) or 1):]))
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                             axes[-(len(features) if isinstance(features, Sequence) else 1):]))
 
 
 class RMSNorm(nn.Module):
@@ -192,7 +193,8 @@ def attend(q_BxTxNxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, mas
            implementation: Optional[str] = None):
   """Multi-head attention with grouped KV heads; `(out [B,T,N,D], scores, probs)`.
 
-  The fused path (`jax.nn.dot_product_attention`: cuDNN flash on GPU, XLA elsewhere) is taken
+  The fused path (`jax.nn.dot_product_attention`: XLA's unless `implementation="cudnn"` asks for
+  cuDNN's flash kernel on GPU) is taken
   unless `explicit` (a term needs the maps) or a `softcap` (Gemma 2) asks for the scores;
   then `scores` ``[B, N, T, S]`` (scaled, capped; masked keys at `MASKED_SCORE`) and
   `probs` ``[B, N, T, S]`` are returned as well (None otherwise).

@@ -26,15 +26,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax.models import checkpoints
+from distill_jax.models import checkpoints, decoder_spec, encoder_spec
 from distill_jax.models.layers import REMAT_POLICIES
 from distill_jax.models.outputs import OUTPUT_NAMES, POOLINGS, TASKS, ModelOutputs, pool
 
 # Family modules: each exports FAMILIES, TASKS, spec_from_hf, params_from_hf, params_to_hf,
 # hf_architecture and one Linen module class.
 _KINDS = {"decoder": ("distill_jax.models.decoder", "Decoder"), "encoder": ("distill_jax.models.encoder", "Encoder")}
-DECODER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "smollm3", "gpt2")
-ENCODER_FAMILIES = ("bert", "roberta", "distilbert")
+DECODER_FAMILIES = decoder_spec.FAMILIES
+ENCODER_FAMILIES = encoder_spec.FAMILIES
 FAMILIES = DECODER_FAMILIES + ENCODER_FAMILIES
 
 
@@ -179,6 +179,7 @@ class Model:
     checkpoints.write_safetensors(fam.params_to_hf(host, self.spec, self.task), out)
     config = copy.deepcopy(self.hf_config)
     config.architectures = [fam.hf_architecture(self.spec, self.task)]
+    config.dtype = "float32"  # the weights written (a bf16 teacher's config would load them as bf16)
     config.save_pretrained(out)
     os.chmod(out / "config.json", checkpoints.FILE_MODE)
     if self.tokenizer is not None:
@@ -241,7 +242,8 @@ def load_model(name_or_path: str | os.PathLike, task: str = "causal_lm", *, dtyp
     remat: `"none"`, `"full"` or `"dots"`: what the layer scan saves for the backward pass.
 
   Returns:
-    A `Model` whose every parameter came from the checkpoint (a tied head is the embedding).
+    A `Model` whose every parameter came from the checkpoint (a tied head is the embedding), as
+    host NumPy arrays: the caller places them (sharded, replicated or on one device).
 
   Raises:
     ValueError: bad task/family/path, a config feature we do not implement (naming the
@@ -255,8 +257,10 @@ def load_model(name_or_path: str | os.PathLike, task: str = "causal_lm", *, dtyp
   fam, module = _build(config, task, dtype, remat)
   flat = fam.params_from_hf(checkpoints.read_state_dict(path), module.spec, task)
   floating = jnp.dtype(param_dtype)
-  params = jax.tree.map(lambda x: jnp.asarray(x, floating if np.issubdtype(np.asarray(x).dtype, np.floating)
-                                              else None), flat)
+  # Host (NumPy) arrays: nothing lands on a device until the caller places it, so a teacher
+  # too large for one device can be sharded straight from the host (`step.shard_teacher_params`).
+  params = jax.tree.map(lambda x: np.asarray(x, floating if np.issubdtype(np.asarray(x).dtype, np.floating)
+                                             else None), flat)
   return Model(module=module, params=params, hf_config=config, tokenizer=checkpoints.load_tokenizer(path),
                task=task, family=config.model_type, dtype=jnp.dtype(dtype), source=path)
 
