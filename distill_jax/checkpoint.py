@@ -22,7 +22,9 @@ renamed when every item is complete, so a process killed mid-save never leaves a
 step that ``latest_step()`` returns; temporary leftovers are removed when the
 next ``Checkpointer`` is created. Orbax does not detect flipped bytes inside an
 array file (it restores wrong values silently), so every save also stores a
-fingerprint of each leaf, checked after restore.
+fingerprint of each leaf, checked after restore
+(:mod:`distill_jax.checkpoint_integrity`). Export of the student lives in
+:mod:`distill_jax.export` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -31,25 +33,23 @@ import errno
 import logging
 import math
 import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.checkpoint_managers import preservation_policy as ocp_policy
 
 from distill_jax import preemption
+from distill_jax.checkpoint_integrity import (integrity_mismatch, integrity_record,
+                                              structure_mismatch)
 from distill_jax.errors import first_line
+from distill_jax.export import export_student
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
-_INTEGRITY_VERSION = "sum32-weighted32-v1"
 
 
 class CheckpointError(RuntimeError):
@@ -93,62 +93,6 @@ def _find_os_error(exc: BaseException) -> OSError | None:
       return exc
     exc = exc.__cause__ or exc.__context__
   return None
-
-
-# ------------------------------------------------------------------ fingerprints
-
-
-def _leaf_fingerprint(x: jax.Array) -> jax.Array:
-  """Two uint32 sums over the bits of ``x``, independent of sharding and order."""
-  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-    x = jax.random.key_data(x)
-  x = jnp.asarray(x)
-  if x.dtype == jnp.bool_:
-    bits = x.astype(jnp.uint32)
-  else:
-    width = x.dtype.itemsize
-    if width == 8:
-      bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    else:
-      unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[width]
-      bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
-  bits = bits.reshape(-1)
-  index = jnp.arange(bits.shape[0], dtype=jnp.uint32)
-  weights = index * jnp.uint32(2654435761) + jnp.uint32(1)  # Knuth multiplicative hash
-  # Integer sums wrap mod 2**32 and are exact in any reduction order.
-  return jnp.stack([jnp.sum(bits, dtype=jnp.uint32),
-                    jnp.sum(bits * weights, dtype=jnp.uint32)])
-
-
-@jax.jit
-def _fingerprints(leaves: list[jax.Array]) -> jax.Array:
-  return jnp.stack([_leaf_fingerprint(x) for x in leaves])
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-  if x.sharding.is_fully_replicated:
-    return np.asarray(x.addressable_data(0))
-  if x.is_fully_addressable:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def _state_fingerprints(state: Any) -> dict[str, list[int]]:
-  """``{leaf path: [sum, weighted sum]}``; one jitted reduction per device set."""
-  paths_leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-  groups: dict[Any, list[int]] = {}
-  for i, (_, leaf) in enumerate(paths_leaves):
-    sharding = getattr(leaf, "sharding", None)
-    devices = (tuple(sorted(d.id for d in sharding.device_set))
-               if isinstance(leaf, jax.Array) and sharding is not None else None)
-    groups.setdefault(devices, []).append(i)
-  result: dict[str, list[int]] = {}
-  for indices in groups.values():
-    values = _to_host(_fingerprints([paths_leaves[i][1] for i in indices]))
-    for i, (a, b) in zip(indices, values):
-      result[jax.tree_util.keystr(paths_leaves[i][0])] = [int(a), int(b)]
-  return result
 
 
 # ------------------------------------------------------------------ config
@@ -319,8 +263,7 @@ class Checkpointer:
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state if data_state is not None else {}),
         config=ocp.args.JsonSave(_normalize(config)),
-        integrity=ocp.args.JsonSave({"version": _INTEGRITY_VERSION,
-                                     "leaves": _state_fingerprints(state)}),
+        integrity=ocp.args.JsonSave(integrity_record(state)),
     )
     if metrics is not None:
       metrics = {str(k): float(v) for k, v in metrics.items()}
@@ -445,7 +388,9 @@ class Checkpointer:
       raise CheckpointCorruptedError(step_dir, first_line(e, 300, with_type=True)) from e
     if metadata.get("state") is None:
       raise CheckpointCorruptedError(step_dir, "no readable state item")
-    _check_structure(step_dir, metadata["state"], abstract_state)
+    mismatch = structure_mismatch(step_dir, metadata["state"], abstract_state)
+    if mismatch is not None:
+      raise CheckpointMismatchError(mismatch)
     names = set(metadata.keys())
     args = dict(
         state=ocp.args.StandardRestore(abstract_state),
@@ -459,107 +404,10 @@ class Checkpointer:
       raise CheckpointCorruptedError(step_dir, first_line(e, 300, with_type=True)) from e
     integrity = restored.get("integrity") if "integrity" in names else None
     if integrity is not None:
-      if not isinstance(integrity, Mapping) or integrity.get("version") != _INTEGRITY_VERSION:
-        raise CheckpointCorruptedError(step_dir, "unknown integrity record")
-      actual = _state_fingerprints(restored["state"])
-      for key, expected in integrity["leaves"].items():
-        if actual.get(key) != list(expected):
-          raise CheckpointCorruptedError(
-              step_dir, f"state leaf {key} does not match its saved fingerprint")
+      reason = integrity_mismatch(integrity, restored["state"])
+      if reason is not None:
+        raise CheckpointCorruptedError(step_dir, reason)
     return restored["state"], restored["data"], restored["config"]
-
-
-
-def _check_structure(step_dir: Path, metadata: Any, abstract_state: Any) -> None:
-  """Names the first leaf whose path or shape differs (a mismatch, not corruption)."""
-  saved = {jax.tree_util.keystr(p): getattr(m, "shape", None)
-           for p, m in jax.tree_util.tree_flatten_with_path(metadata)[0]}
-  wanted = {jax.tree_util.keystr(p): _stored_shape(a)
-            for p, a in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
-  saved_keys = {_plain_key(k): k for k in saved}
-  for key, shape in wanted.items():
-    saved_key = saved_keys.get(_plain_key(key))
-    if saved_key is None:
-      raise CheckpointMismatchError(
-          f"checkpoint {step_dir} has no state leaf {key}: the state structure changed"
-          " since it was saved")
-    saved_shape = saved[saved_key]
-    if saved_shape is not None and tuple(saved_shape) != shape:
-      raise CheckpointMismatchError(
-          f"checkpoint {step_dir} stores state leaf {key} with shape {tuple(saved_shape)},"
-          f" the current state wants {shape}")
-
-
-def _stored_shape(leaf: Any) -> tuple[int, ...]:
-  """The shape Orbax stores for ``leaf`` (typed PRNG keys are stored as key data)."""
-  dtype = getattr(leaf, "dtype", None)
-  shape = tuple(getattr(leaf, "shape", ()))
-  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-    return tuple(jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(shape, dtype)).shape)
-  return shape
-
-
-def _plain_key(keystr: str) -> str:
-  """``.params['w']`` and ``['params']['w']`` both become ``params/w``."""
-  for ch in "[]'\".":
-    keystr = keystr.replace(ch, "/")
-  return "/".join(p for p in keystr.split("/") if p)
-
-
-# ------------------------------------------------------------------ export
-
-
-class SavesPretrained(Protocol):
-  """What ``export_student`` needs of a model (``distill_jax.models.Model``)."""
-
-  def save_pretrained(self, params: Any, out_dir: os.PathLike[str] | str) -> None:
-    ...
-
-
-def export_student(model: SavesPretrained, params: Any, out_dir: os.PathLike[str] | str,
-                   *, overwrite: bool = False) -> Path:
-  """Writes the student as a Hugging Face checkpoint, atomically.
-
-  The files are written by ``model.save_pretrained(params, tmp_dir)`` into a
-  temporary directory next to ``out_dir``, which is then renamed onto
-  ``out_dir``: a crash leaves either the old directory or the new one, never a
-  half-written export. Call it from one process, with fully addressable params.
-
-  Args:
-    model: an object with ``save_pretrained(params, out_dir)``.
-    params: the student params to export.
-    out_dir: the export directory; must be absent or empty unless ``overwrite``.
-    overwrite: replace a non-empty ``out_dir``.
-
-  Returns:
-    ``out_dir`` as a ``Path``.
-
-  Raises:
-    FileExistsError: ``out_dir`` is not empty (or is a file) and not ``overwrite``.
-  """
-  out = Path(out_dir)
-  if out.exists() and not out.is_dir():
-    raise FileExistsError(f"export path {out} exists and is not a directory")
-  if out.is_dir() and any(out.iterdir()) and not overwrite:
-    raise FileExistsError(
-        f"export directory {out} is not empty; pass overwrite=True to replace it")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-  tmp = out.parent / f".{out.name}.tmp-{token}"
-  tmp.mkdir()
-  try:
-    model.save_pretrained(params, tmp)
-    if out.is_dir() and any(out.iterdir()):
-      old = out.parent / f".{out.name}.old-{token}"
-      os.rename(out, old)
-      os.rename(tmp, out)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, out)  # replaces an empty directory atomically on POSIX
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return out
 
 
 def abstract_like(state: Any) -> Any:

@@ -78,7 +78,7 @@ def _build_student(cfg: config_lib.Config, teachers: Mapping[str, Any]) -> Any:
     path = config_lib.resolve_model_path(s.path, "student.path")
     task = s.task or (teachers[source_name].task if source_name else "causal_lm")
     with _naming("student.path"):
-      return models.load_model(path, task, dtype=s.dtype, param_dtype="float32", num_labels=s.num_labels,
+      return models.load_model(path, task, dtype=s.dtype, param_dtype=s.param_dtype, num_labels=s.num_labels,
                                remat=s.remat)
   if source_name is None:
     raise ValueError("student.init: self-distillation needs student.init=path (a checkpoint to start from)")
@@ -98,7 +98,14 @@ def _build_student(cfg: config_lib.Config, teachers: Mapping[str, Any]) -> Any:
     student = models.model_from_config(teacher.hf_config.to_dict(), s.task or teacher.task,
                                        tokenizer=teacher.tokenizer, seed=seed, dtype=s.dtype,
                                        remat=s.remat, source=teacher.source, **overrides)
-  return student
+  return _with_param_dtype(student, s.param_dtype)
+
+
+def _with_param_dtype(model: Any, param_dtype: str) -> Any:
+  """`model` with its floating params held in `param_dtype` (integer leaves unchanged)."""
+  dtype = jnp.dtype(param_dtype)
+  cast = lambda x: np.asarray(x).astype(dtype, copy=False) if np.issubdtype(np.asarray(x).dtype, np.floating) else x  # noqa: E731
+  return dataclasses.replace(model, params=jax.tree.map(cast, model.params))
 
 
 def _load_models(cfg: config_lib.Config) -> tuple[Any, dict[str, Any]]:
@@ -108,10 +115,7 @@ def _load_models(cfg: config_lib.Config) -> tuple[Any, dict[str, Any]]:
   student = _build_student(cfg, teachers)
   for name, tc in cfg.teachers.items():
     if tc.path == config_lib.SELF_TEACHER:
-      dtype = jnp.dtype(tc.param_dtype)
-      frozen = jax.tree.map(lambda x: np.asarray(x).astype(dtype) if np.issubdtype(np.asarray(x).dtype, np.floating)
-                            else np.asarray(x), student.params)
-      teachers[name] = dataclasses.replace(student, params=frozen)
+      teachers[name] = _with_param_dtype(student, tc.param_dtype)
   return student, teachers
 
 
@@ -155,7 +159,7 @@ def _load_data(cfg: config_lib.Config, tokenizer: Any, task: str) -> tuple[Any, 
     train_ds = train_ds.select(range(min(d.max_examples, len(train_ds))))
   tok_kw = dict(task=task, max_length=d.max_length, text_columns=tuple(d.text_columns),
                 label_column=d.label_column, completion_column=d.completion_column, bucket=d.buckets,
-                cache_dir=d.cache_dir)
+                cache_dir=d.cache_dir, num_proc=d.num_workers or None)
   train_ex = data.tokenize(train_ds, tokenizer, **tok_kw)
   eval_ex = data.tokenize(val_ds, tokenizer, label_names=train_ex.label_names, **tok_kw)
   if data.steps_per_epoch(train_ex, d.global_batch_size) == 0:  # before the run directory is written
@@ -233,7 +237,7 @@ def build_run(cfg: config_lib.Config) -> Run:
   optimizer = state_lib.make_optimizer(
       o.name, o.learning_rate, warmup_steps=warmup, total_steps=total_updates,
       schedule=o.schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.clip_norm,
-      grad_accum_steps=accum)
+      grad_accum_steps=accum, final_lr_fraction=o.final_lr_fraction)
   seed = cfg.train.seed
   projections = objective.init_projections(jax.random.PRNGKey(seed + 1))
   initial_student = jax.tree.map(np.asarray, student.params)

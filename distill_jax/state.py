@@ -74,7 +74,7 @@ def make_lr_schedule(learning_rate: float, *, warmup_steps: int = 0, total_steps
 def make_optimizer(name: str = "adamw", learning_rate: float = 1e-4, *, warmup_steps: int = 0,
                    total_steps: Optional[int] = None, schedule: str = "cosine", weight_decay: float = 0.0,
                    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, clip_norm: Optional[float] = 1.0,
-                   grad_accum_steps: int = 1) -> optax.GradientTransformation:
+                   grad_accum_steps: int = 1, final_lr_fraction: float = 0.0) -> optax.GradientTransformation:
   """An optax optimizer from plain values.
 
   Args:
@@ -88,6 +88,7 @@ def make_optimizer(name: str = "adamw", learning_rate: float = 1e-4, *, warmup_s
     clip_norm: global-norm clipping of the (accumulated) gradient; ``None`` or 0 for none.
     grad_accum_steps: gradients of this many consecutive steps are averaged before one
       update (`optax.MultiSteps`).
+    final_lr_fraction: the cosine/linear schedule ends at ``learning_rate * final_lr_fraction``.
 
   Returns:
     The `optax.GradientTransformation`.
@@ -103,7 +104,8 @@ def make_optimizer(name: str = "adamw", learning_rate: float = 1e-4, *, warmup_s
     raise ValueError(f"optimizer.grad_accum_steps={grad_accum_steps} must be >= 1")
   if clip_norm is not None and clip_norm < 0:
     raise ValueError(f"optimizer.clip_norm={clip_norm} must be >= 0 (0 or null: no clipping)")
-  lr = make_lr_schedule(learning_rate, warmup_steps=warmup_steps, total_steps=total_steps, schedule=schedule)
+  lr = make_lr_schedule(learning_rate, warmup_steps=warmup_steps, total_steps=total_steps, schedule=schedule,
+                        end_lr_factor=final_lr_fraction)
   if name == "adamw":
     core = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
   elif name == "adafactor":

@@ -144,9 +144,9 @@ def _term_names(cfg):
   return [{**t, "name": v.name} for t, v in zip(terms, validated)]
 
 
-def _projection_kernels(result):
-  """``{keystr: shape}`` of the projection kernels in the last checkpoint's TrainState params
-  (read from Orbax metadata; nothing is restored)."""
+def _state_metadata(result):
+  """``{keystr: array metadata}`` of the TrainState params in the last checkpoint (read from
+  Orbax metadata; nothing is restored; optimizer state left out)."""
   import jax
   import orbax.checkpoint as ocp
 
@@ -155,9 +155,13 @@ def _projection_kernels(result):
   tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
   leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
   assert leaves, step_dir
-  return {jax.tree_util.keystr(p): tuple(getattr(m, "shape", ())) for p, m in leaves
-          if "projections" in jax.tree_util.keystr(p) and "kernel" in jax.tree_util.keystr(p)
-          and "opt_state" not in jax.tree_util.keystr(p)}
+  return {jax.tree_util.keystr(p): m for p, m in leaves if "opt_state" not in jax.tree_util.keystr(p)}
+
+
+def _projection_kernels(result):
+  """``{keystr: shape}`` of the projection kernels in the last checkpoint."""
+  return {k: tuple(getattr(m, "shape", ())) for k, m in _state_metadata(result).items()
+          if "projections" in k and "kernel" in k}
 
 
 # --------------------------------------------------------------------------- configs
@@ -292,9 +296,12 @@ def test_self_distill(workdir, checkpoints, text_files):
 def test_multi_teacher(workdir, checkpoints, text_files):
   cfg, result = _run("multi_teacher.yaml", workdir, [
       f"teachers.small.path={checkpoints('gpt2')}", f"teachers.medium.path={checkpoints('gpt2_medium')}",
-      "student.num_layers=2", f"data.source={text_files['text']}"])
+      "student.num_layers=2", f"data.source={text_files['text']}", "student.param_dtype=bfloat16"])
   assert set(cfg.teachers) == {"small", "medium"}
   _check_run(cfg, result, family="gpt2 2")
+  # student.param_dtype: the trained weights are held (and checkpointed) in bfloat16.
+  student = {k: m for k, m in _state_metadata(result).items() if "'student'" in k}
+  assert student and {str(m.dtype) for m in student.values()} == {"bfloat16"}, student
 
 
 def test_tpu_pod_on_a_4x2_cpu_mesh(workdir, checkpoints, text_files):

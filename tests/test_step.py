@@ -185,6 +185,22 @@ def test_grad_accumulation_equals_big_batch(pair):
   assert max(jax.tree.leaves(moved)) > 1e-3
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_sgd_update_follows_the_lr_schedule_to_its_final_fraction(schedule):
+  # SGD without momentum: the update of a unit gradient is -lr(step), so the applied
+  # learning rates are read back from the updates (optimizer.final_lr_fraction wired in).
+  tx = state_lib.make_optimizer("sgd", 0.5, warmup_steps=2, total_steps=10, schedule=schedule, b1=0.0,
+                                clip_norm=None, final_lr_fraction=0.1)
+  params = {"w": jnp.zeros(())}
+  opt_state, lrs = tx.init(params), []
+  for _ in range(11):
+    updates, opt_state = tx.update({"w": jnp.ones(())}, opt_state, params)
+    lrs.append(-float(updates["w"]))
+  ref = state_lib.make_lr_schedule(0.5, warmup_steps=2, total_steps=10, schedule=schedule, end_lr_factor=0.1)
+  np.testing.assert_allclose(lrs, [float(ref(i)) for i in range(11)], rtol=1e-6)
+  assert lrs[0] == 0.0 and lrs[2] == pytest.approx(0.5) and lrs[10] == pytest.approx(0.05)
+
+
 def test_nonfinite_update_is_skipped(pair):
   teacher, student = pair
   _, optimizer, kw, projections = problem(teacher, student)
