@@ -42,28 +42,37 @@ def _split_config_and_overrides(items: Sequence[str]) -> tuple[str | None, list[
   return config, overrides
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _config(args: argparse.Namespace):
+  """The command's config: ``[CONFIG.yaml] [KEY=VALUE ...]`` (no file: the packaged default)."""
   from distill_jax import config as config_lib
-  from distill_jax import trainer
 
   path, overrides = _split_config_and_overrides(args.items)
   if path is not None and not os.path.isfile(path):
     raise UserError(f"config: file {path!r} does not exist")
-  cfg = config_lib.load_config(path, overrides)
-  result = trainer.train(cfg)
+  return config_lib.load_config(path, overrides)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+  from distill_jax import trainer
+
+  result = trainer.train(_config(args))
   print(f"run directory: {result.run_dir}")
   return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-  from distill_jax import config as config_lib
   from distill_jax import teacher_completions
 
-  path, overrides = _split_config_and_overrides(args.items)
-  if path is not None and not os.path.isfile(path):
-    raise UserError(f"config: file {path!r} does not exist")
-  out, lines = teacher_completions.write_completions(config_lib.load_config(path, overrides))
+  out, lines = teacher_completions.write_completions(_config(args))
   print(f"wrote {lines} teacher completions to {out}")
+  return 0
+
+
+def _cmd_cache_teacher(args: argparse.Namespace) -> int:
+  from distill_jax import teacher_cache
+
+  out, manifest = teacher_cache.write_cache(_config(args))
+  print(f"teacher cache: {out} ({manifest['tokens']:,} tokens, {manifest['bytes_per_token']} B/token)")
   return 0
 
 
@@ -125,6 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("items", nargs="*", metavar="CONFIG.yaml [KEY=VALUE ...]",
                  help="YAML config followed by dotted overrides")
   p.set_defaults(func=_cmd_generate)
+
+  p = sub.add_parser("cache-teacher", help="run a teacher once and cache its top-k log-probs for training",
+                     description="Tokenize the config's training and validation data as `train` does, run the "
+                     "teacher (cache.teacher, else the one with teachers.<name>.cache, else the main one) over every "
+                     "row and write its top-k ids, log-probabilities and tail mass per token to cache.dir (default: "
+                     "teachers.<name>.cache), with manifest.json. Resumable: a rerun computes only the missing "
+                     "shards. Then `train` with teachers.<name>.cache=DIR never loads that teacher (sparse_* terms).")
+  p.add_argument("items", nargs="*", metavar="CONFIG.yaml [KEY=VALUE ...]",
+                 help="YAML config followed by dotted overrides")
+  p.set_defaults(func=_cmd_cache_teacher)
 
   p = sub.add_parser("eval", help="evaluate a run's latest checkpoint against its teacher and write the report",
                      description="Evaluate the latest checkpoint of RUN_DIR (task metrics, agreement with "

@@ -29,13 +29,13 @@ from pydantic_core import ArgsKwargs
 from distill_jax.config_objective import ObjectiveConfig, OnPolicyConfig, ScheduleConfig, TermConfig, losses_registry
 from distill_jax.config_schema import (PKG_PREFIX, SELF_TEACHER, ConfigError, Section, adapter, describe, error_line,
                                        fail, field_of, invalid, section)
-from distill_jax.config_sections import (CheckpointConfig, DataConfig, DistributedConfig, EvalConfig, ExportConfig,
+from distill_jax.config_sections import (CacheConfig, CheckpointConfig, DataConfig, DistributedConfig, EvalConfig, ExportConfig,
                                          GenerateConfig, LoggingConfig, MeshConfig, OptimizerConfig, StudentConfig,
                                          TeacherConfig, TrainConfig)
 from distill_jax.errors import first_line
 
 __all__ = [
-    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistributedConfig", "EvalConfig", "ExportConfig",
+    "CacheConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistributedConfig", "EvalConfig", "ExportConfig",
     "GenerateConfig", "LoggingConfig", "MeshConfig", "ObjectiveConfig", "OnPolicyConfig", "OptimizerConfig",
     "PKG_PREFIX", "SELF_TEACHER", "SHAPE_KEYS", "ScheduleConfig", "StudentConfig", "TeacherConfig", "TermConfig",
     "TrainConfig", "config_from_dict", "default_config", "dump_yaml", "load_config", "resolve_model_path",
@@ -61,6 +61,7 @@ class Config(Section):
   export: ExportConfig = field_of(ExportConfig)
   logging: LoggingConfig = field_of(LoggingConfig)
   generate: GenerateConfig = field_of(GenerateConfig)  # `distill-jax generate` only
+  cache: CacheConfig = field_of(CacheConfig)  # `distill-jax cache-teacher` only
 
   @model_validator(mode="before")
   @classmethod
@@ -92,9 +93,14 @@ class Config(Section):
     if self.student.init == "from_teacher" and self.teachers[source].path == SELF_TEACHER:
       raise invalid(f"student.init must be 'path' or 'config' when teacher {source!r} is the student itself "
                      f"(teachers.{source}.path: {SELF_TEACHER})")
+    if self.student.init != "path" and self.teachers[source].cache is not None:
+      raise invalid(f"student.init must be 'path' when teacher {source!r} is read from its cache "
+                    f"(teachers.{source}.cache: the cached model is never loaded)")
+    known(self.cache.teacher, "cache.teacher")
     if not self.objective.terms:
       raise invalid("objective.terms must list at least one term, e.g. '- {loss: forward_kl}'")
     losses = losses_registry()
+    sparse = ", ".join(n for n, spec in losses.items() if spec.inputs == "sparse")
     for i, term in enumerate(self.objective.terms):
       path = f"objective.terms[{i}].teacher"
       for j, name in enumerate(term.teachers):
@@ -102,6 +108,14 @@ class Config(Section):
       spec = losses[term.loss]
       if term.teacher is None and len(names) > 1 and "teacher" in spec.options and not spec.multi_teacher:
         raise invalid(f"{path} is required when there are several teachers ({allowed})")
+      read = term.teachers or ((names[0],) if "teacher" in spec.options else ())
+      cached = [n for n in read if self.teachers[n].cache is not None]
+      if cached and spec.inputs != "sparse":
+        raise invalid(f"objective.terms[{i}].loss: teacher {cached[0]!r} is read from its cache (top-k "
+                      f"log-probabilities only), which {term.loss} cannot use; allowed: {sparse}")
+      if cached and self.objective.on_policy is not None:
+        raise invalid(f"objective.on_policy: teacher {cached[0]!r} is read from its cache, which cannot score the "
+                      f"student's own samples; give it a path instead of a cache")
     on_policy = self.objective.on_policy
     if on_policy is not None and on_policy.prompt_length > self.data.max_length:
       raise invalid(f"objective.on_policy.prompt_length ({on_policy.prompt_length}) must be <= data.max_length "
@@ -316,7 +330,8 @@ def shape_diff(old: Union[Config, Mapping[str, Any]],
 def short_summary(config: Config) -> str:
   """A few lines describing the run, printed when training starts."""
   several = len(config.teachers) > 1
-  teachers = "; ".join(f"{name} = {t.path} ({t.task}, {t.dtype})" for name, t in config.teachers.items())
+  teachers = "; ".join(f"{name} = {t.path if t.cache is None else 'the cache ' + t.cache} ({t.task}, {t.dtype})"
+                       for name, t in config.teachers.items())
   s = config.student
   source = s.teacher or next(iter(config.teachers))
   layers = f"{s.num_layers or len(s.layers) or 'all teacher'} layers"

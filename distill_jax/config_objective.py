@@ -108,6 +108,7 @@ class TermConfig(Section):
   kind: Optional[Literal["cosine", "dot", "euclidean"]] = None  # token_relation matrix [cosine]
   pooling: Optional[Literal["mean", "cls"]] = None  # sentence embedding of pooled/batch terms [mean]
   include_embeddings: Optional[Bool] = None  # also match the embedding outputs (TinyBERT) [false]
+  top_k: Optional[PosInt] = None  # sparse_* terms: teacher entries kept [a cache's own; 128 of a live teacher]
   weight_schedule: Optional[ScheduleConfig] = None  # replaces weight over steps
   temperature_schedule: Optional[ScheduleConfig] = None  # replaces temperature over steps
 

@@ -17,9 +17,13 @@ from distill_jax.config_schema import (SELF_TEACHER, Bool, DType, Fraction, Int,
 
 @section("teachers.<name>")
 class TeacherConfig(Section):
-  """One frozen teacher (`teachers.<name>`)."""
+  """One frozen teacher (`teachers.<name>`): a model, or its offline cache (`cache`)."""
 
-  path: str  # checkpoint dir or hub id; `pkg:<module>` (see resolve_model_path); `student` (self-distillation)
+  # checkpoint dir or hub id; `pkg:<module>` (see resolve_model_path); `student` (self-distillation)
+  path: Optional[str] = None
+  # a `distill-jax cache-teacher` directory: training reads the teacher's top-k log-probs from it
+  # and never loads the model (sparse_* logit terms only)
+  cache: Optional[str] = None
   task: Task = "causal_lm"
   dtype: DType = "float32"  # compute dtype
   param_dtype: DType = "float32"  # dtype of the weights on device
@@ -27,8 +31,15 @@ class TeacherConfig(Section):
 
   @model_validator(mode="after")
   def _rules(self):
-    if not self.path.strip():
+    if self.path is None and self.cache is None:
+      raise invalid(f"@path is required (a checkpoint, hub id, 'pkg:<module>' or '{SELF_TEACHER}'), or @cache "
+                    f"(a teacher cache directory)", "path", "cache")
+    if self.path is not None and not self.path.strip():
       raise invalid(f"@path must be a non-empty path, hub id, 'pkg:<module>' or '{SELF_TEACHER}'", "path")
+    if self.cache is not None and (not self.cache.strip() or self.path == SELF_TEACHER):
+      raise invalid(f"@cache must be a directory path (and @path not '{SELF_TEACHER}')", "cache")
+    if self.cache is not None and self.task != "causal_lm":
+      raise invalid(f"@cache: only causal_lm teachers are cached, got task {self.task}", "cache", "task")
     if self.num_labels is not None and self.task != "sequence_classification":
       raise invalid(f"@num_labels is only used when @task is sequence_classification, got task {self.task}",
                      "num_labels", "task")
@@ -140,6 +151,20 @@ class GenerateConfig(Section):
     if not self.output.strip():
       raise invalid("@output must be a non-empty path", "output")
     return self
+
+
+@section("cache")
+class CacheConfig(Section):
+  """The offline teacher cache (`cache`, ``distill-jax cache-teacher``): per token of the
+  training and validation rows, the teacher's `top_k` ids and log-probabilities and the log of
+  the tail mass, in ``elias-fano`` + `value_bits` codes (``distill_jax.cache_codec``)."""
+
+  teacher: Optional[str] = None  # the teacher to cache [the only one with a cache, else the main one]
+  dir: Optional[str] = None  # where [that teacher's `cache`]
+  top_k: PosInt = 128
+  value_bits: Annotated[Int, Field(ge=4, le=8)] = 6  # bits per kept log-probability
+  batch_size: PosInt = 16  # rows per teacher forward
+  shard_rows: PosInt = 256  # rows per shard file (the unit of resuming)
 
 
 @section("optimizer")

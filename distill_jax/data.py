@@ -160,7 +160,7 @@ def tokenize(dataset: datasets.Dataset, tokenizer: Any, *, task: str, max_length
     from datasets.fingerprint import Hasher
 
     os.makedirs(cache_dir, exist_ok=True)
-    key = Hasher.hash([dataset._fingerprint, _tokenizer_key(tokenizer), task, max_length, text_columns,
+    key = Hasher.hash([dataset._fingerprint, tokenizer_key(tokenizer), task, max_length, text_columns,
                        completion_column])
     cache_file = os.path.join(cache_dir, f"tokenized-{key}.arrow")
   tokenized = dataset.map(fn, fn_kwargs=kwargs, batched=True, num_proc=num_proc, desc=f"tokenize ({task})",
@@ -194,7 +194,8 @@ def tokenize(dataset: datasets.Dataset, tokenizer: Any, *, task: str, max_length
   return ex
 
 
-def _tokenizer_key(tokenizer: Any) -> str:
+def tokenizer_key(tokenizer: Any) -> str:
+  """The tokenizer's full definition as text (the fast tokenizer's JSON), for cache keys."""
   backend = getattr(tokenizer, "backend_tokenizer", None)
   return backend.to_str() if backend is not None else repr(tokenizer)
 
@@ -351,8 +352,9 @@ class _Batches:
   """``(step, _) -> host batch``: plans an epoch once (thread-safe) and assembles host rows."""
 
   def __init__(self, examples: Examples, global_batch_size: int, seed: Optional[int], drop_remainder: bool,
-               process_index: int, per_host: int):
+               process_index: int, per_host: int, extras: Optional[dict] = None):
     self._examples, self._bucket_of = examples, examples.bucket_of
+    self._extras = dict(extras or {})
     self._kw = dict(batch_size=global_batch_size, seed=seed, drop_remainder=drop_remainder)
     self._rows = slice(process_index * per_host, (process_index + 1) * per_host)
     self._lock, self._plans = threading.Lock(), {}
@@ -369,14 +371,18 @@ class _Batches:
   def __call__(self, step: int, _: Any) -> dict[str, np.ndarray]:
     batch = self.plan(step // self.steps_per_epoch)[step % self.steps_per_epoch]
     length = int(self._bucket_of[batch[batch >= 0][0]])
-    return assemble(self._examples, batch[self._rows], length)
+    out = assemble(self._examples, batch[self._rows], length)
+    for key, rows in self._extras.items():
+      out[key] = rows(batch[self._rows], length)
+    return out
 
 
 def _pipeline(examples: Examples, *, global_batch_size: int, seed: Optional[int], drop_remainder: bool,
               num_epochs: Optional[int], process_index: Optional[int], process_count: Optional[int],
-              num_devices: Optional[int], num_threads: int, prefetch: int) -> grain.DatasetIterator:
+              num_devices: Optional[int], num_threads: int, prefetch: int,
+              extras: Optional[dict]) -> grain.DatasetIterator:
   p, _, per_host = _host_split(global_batch_size, process_index, process_count, num_devices)
-  make = _Batches(examples, global_batch_size, seed, drop_remainder, p, per_host)
+  make = _Batches(examples, global_batch_size, seed, drop_remainder, p, per_host, extras)
   if make.steps_per_epoch == 0:
     raise ValueError(f"data.global_batch_size: {len(examples)} examples make no full batch of {global_batch_size}"
                      f" (per length bucket)")
@@ -388,7 +394,7 @@ def _pipeline(examples: Examples, *, global_batch_size: int, seed: Optional[int]
 def train_batches(examples: Examples, *, global_batch_size: int, seed: int = 0, num_epochs: Optional[int] = None,
                   process_index: Optional[int] = None, process_count: Optional[int] = None,
                   num_devices: Optional[int] = None, num_threads: int = 2,
-                  prefetch: int = 8) -> grain.DatasetIterator:
+                  prefetch: int = 8, extras: Optional[dict] = None) -> grain.DatasetIterator:
   """This process's training batches: shuffled per epoch, full global batches only.
 
   Args:
@@ -401,6 +407,8 @@ def train_batches(examples: Examples, *, global_batch_size: int, seed: int = 0, 
     num_devices: when given, ``global_batch_size`` must divide over this many devices.
     num_threads: background threads assembling batches.
     prefetch: batches buffered ahead.
+    extras: ``{key: fn}``: each batch also gets ``batch[key] = fn(example_indices, length)``
+      for this host's rows (``-1``: a padded example), e.g. a teacher cache's packed rows.
 
   Returns:
     A Grain iterator of host batches (``global_batch_size / process_count`` rows); resume
@@ -408,17 +416,18 @@ def train_batches(examples: Examples, *, global_batch_size: int, seed: int = 0, 
   """
   return _pipeline(examples, global_batch_size=global_batch_size, seed=seed, drop_remainder=True,
                    num_epochs=num_epochs, process_index=process_index, process_count=process_count,
-                   num_devices=num_devices, num_threads=num_threads, prefetch=prefetch)
+                   num_devices=num_devices, num_threads=num_threads, prefetch=prefetch, extras=extras)
 
 
 def eval_batches(examples: Examples, *, global_batch_size: int, process_index: Optional[int] = None,
                  process_count: Optional[int] = None, num_devices: Optional[int] = None,
-                 num_threads: int = 2, prefetch: int = 8) -> grain.DatasetIterator:
+                 num_threads: int = 2, prefetch: int = 8, extras: Optional[dict] = None) -> grain.DatasetIterator:
   """One pass over every example, in order by bucket; the last batch of each bucket is
-  filled with padded examples (all-zero ``attention_mask`` and ``loss_mask``)."""
+  filled with padded examples (all-zero ``attention_mask`` and ``loss_mask``); `extras` as in
+  :func:`train_batches`."""
   return _pipeline(examples, global_batch_size=global_batch_size, seed=None, drop_remainder=False,
                    num_epochs=1, process_index=process_index, process_count=process_count,
-                   num_devices=num_devices, num_threads=num_threads, prefetch=prefetch)
+                   num_devices=num_devices, num_threads=num_threads, prefetch=prefetch, extras=extras)
 
 
 def steps_per_epoch(examples: Examples, global_batch_size: int, *, drop_remainder: bool = True) -> int:

@@ -104,7 +104,7 @@ def measure_efficiency(student: Any, student_params: Any, teacher: Any, teacher_
   Args:
     student: the student model.
     student_params: its params.
-    teacher: the teacher model.
+    teacher: the teacher model (``None``: its entries are ``None``).
     teacher_params: its params.
     batch: the batch to time both on.
     student_dir: the exported student's directory, for its on-disk size.
@@ -121,6 +121,10 @@ def measure_efficiency(student: Any, student_params: Any, teacher: Any, teacher_
   result: dict[str, Any] = {"device": jax.devices()[0].device_kind}
   for role, model, params, path in (("teacher", teacher, teacher_params, teacher_dir),
                                     ("student", student, student_params, student_dir)):
+    if model is None:  # a teacher read from its cache: nothing to time or count
+      result.update({f"{role}_{k}": None for k in ("params", "param_bytes", "disk_bytes", "examples_per_s",
+                                                   "tokens_per_s")})
+      continue
     speed = measure_throughput(model, params, batch, warmup=warmup, iters=iters,
                                pooling=pooling)
     result[f"{role}_params"] = count_params(params)

@@ -1,4 +1,4 @@
-"""Test-only fault injection: a NaN teacher for chosen steps, and slow steps.
+"""Test-only fault injection: a NaN teacher for chosen steps, slow steps, a killed cache run.
 
 The reliability tests need a run that fails at a known step, and steps slow enough for a
 signal to land mid-loop.  Those hooks are not the user's business, so they are read from
@@ -24,11 +24,16 @@ class Faults:
     nonfinite_step: the 1-based step whose teacher is all NaN (-1: none).
     nonfinite_count: that many consecutive steps from `nonfinite_step`.
     step_delay: seconds of sleep after every step.
+    cache_exit_after_shards: ``cache-teacher`` exits (``os._exit``, like a kill) after writing
+      this many shards (0: never).
+    cache_exit_code: its exit status.
   """
 
   nonfinite_step: int = -1
   nonfinite_count: int = 1
   step_delay: float = 0.0
+  cache_exit_after_shards: int = 0
+  cache_exit_code: int = 137
 
   def nonfinite_at(self, step: int) -> bool:
     """Whether the (1-based) `step` gets a NaN teacher."""

@@ -27,6 +27,7 @@ from distill_jax import config as config_lib
 from distill_jax import losses
 
 LOGIT_FAMILY, FEATURE_FAMILY, RELATION_FAMILY, LABEL_FAMILY = "logits", "features", "relations", "labels"
+DEFAULT_TOP_K = 128  # entries a sparse_* term keeps of a live teacher
 LM_TASKS = ("causal_lm", "masked_lm")
 
 Term = config_lib.TermConfig
@@ -42,7 +43,8 @@ class LossSpec:
     outputs: model outputs the loss reads (the first is the one compared).
     options: the term fields the loss accepts.
     fn: the loss function of `distill_jax.losses`.
-    inputs: what `fn` compares: ``logits`` (student vs teacher), ``labels`` (student vs
+    inputs: what `fn` compares: ``logits`` (student vs teacher), ``sparse`` (student logits
+      vs the teacher's top-k ids, log-probabilities and tail: cached or from its logits), ``labels`` (student vs
       ``batch["labels"]``), ``layer_pairs`` (mapped layers of ``outputs[0]``), ``cls`` (the
       first token's last hidden state), ``pooled`` (pooled last hidden states) or ``batch``
       (pooled states of the whole global batch).
@@ -69,6 +71,7 @@ class LossSpec:
 
 _COMMON = {"loss", "name", "weight", "weight_schedule"}
 _LOGIT = _COMMON | {"teacher", "temperature", "temperature_schedule", "positions"}
+_SPARSE = _LOGIT | {"top_k"}
 _FEATURE = _COMMON | {"teacher", "layers", "include_embeddings", "projection"}
 _ATTENTION = _COMMON | {"teacher", "layers"}
 _POOLED = _COMMON | {"teacher", "pooling", "projection"}
@@ -94,6 +97,16 @@ LOSSES: dict[str, LossSpec] = {
                              "total variation distance", _T),
     "ensemble_kl": _spec(LOGIT_FAMILY, "logits", _LOGIT, losses.forward_kl, "logits",
                          "forward KL to the teachers' mean distribution", _T, multi_teacher=True),
+    # Against a top-k teacher with a tail bucket: the offline cache (teachers.<name>.cache) or a
+    # live teacher's exact top-k (`top_k` entries).
+    "sparse_forward_kl": _spec(LOGIT_FAMILY, "logits", _SPARSE, losses.sparse_forward_kl, "sparse",
+                               "KL(p_T‖p_S)·T² over the teacher's top-k + a tail bucket", _T),
+    "sparse_reverse_kl": _spec(LOGIT_FAMILY, "logits", _SPARSE, losses.sparse_reverse_kl, "sparse",
+                               "KL(p_S‖p_T)·T² over the teacher's top-k + a tail bucket", _T),
+    "sparse_generalized_jsd": _spec(LOGIT_FAMILY, "logits", _SPARSE | {"beta", "normalized"},
+                                    losses.sparse_generalized_jsd, "sparse",
+                                    "generalized JSD over the teacher's top-k + a tail bucket",
+                                    _T + ("beta", "normalized")),
     "cross_entropy": _spec(LABEL_FAMILY, "logits", _COMMON | {"label_smoothing", "positions"}, losses.cross_entropy,
                            "labels", "hard-label cross-entropy of the student", ("label_smoothing",)),
     "hidden_mse": _spec(FEATURE_FAMILY, "hidden_states", _FEATURE, losses.hidden_mse, "layer_pairs",
@@ -180,6 +193,7 @@ class _Bound:
   project: bool = False
   num_heads: int = 0
   task: str = ""
+  top_k: int = 0
 
 
 def _capabilities(model) -> frozenset[str]:
@@ -225,6 +239,16 @@ def _bind(i: int, term: Term, student, teachers: Mapping[str, Any]) -> _Bound:
     vocabs = []
     for name in term.teachers:
       teacher = teachers[name]
+      if _is_cache(teacher):
+        if spec.inputs != "sparse":
+          raise _fail(i, "loss", f"teacher {name!r} is a cache (top-k log-probabilities only); {term.loss} needs its "
+                                 f"logits; allowed: {', '.join(n for n, s in LOSSES.items() if s.inputs == 'sparse')}")
+        if term.top_k is not None and term.top_k != teacher.top_k:
+          raise _fail(i, "top_k", f"{term.top_k} differs from the {teacher.top_k} entries teacher {name!r}'s cache "
+                                  f"keeps (leave it unset)")
+        vocabs.append(cache_vocab(teacher, student, f"objective.terms[{i}].teacher"))
+        kw["top_k"] = teacher.top_k
+        continue
       if teacher.task != student.task:
         raise _fail(i, "teacher", f"teacher {name!r} task {teacher.task!r} differs from the student's "
                                   f"{student.task!r}: their logits are not comparable")
@@ -234,6 +258,8 @@ def _bind(i: int, term: Term, student, teachers: Mapping[str, Any]) -> _Bound:
         except ValueError as e:
           raise _fail(i, "teacher", str(e)) from None
     kw["vocab"] = min(vocabs) if vocabs else None
+    if spec.inputs == "sparse" and not kw.get("top_k"):
+      kw["top_k"] = min(term.top_k or DEFAULT_TOP_K, kw["vocab"] or student.vocab_size)
   if spec.inputs == "layer_pairs":
     kw["pairs"] = _pairs(i, term, student, teachers[term.teachers[0]], attention=spec.attention)
   if "projection" in spec.options:
@@ -253,6 +279,23 @@ def _bind(i: int, term: Term, student, teachers: Mapping[str, Any]) -> _Bound:
   return _Bound(term, **kw)
 
 
+def _is_cache(teacher) -> bool:
+  return getattr(teacher, "family", None) == "teacher cache"
+
+
+def cache_vocab(cache, student, field: str) -> int:
+  """The vocabulary a cached teacher's entries index; one-line ValueError naming `field` when
+  the student's tokenizer or logits do not cover it."""
+  if student.task != "causal_lm":
+    raise ValueError(f"{field}: a teacher cache needs a causal_lm student, got task {student.task!r}")
+  if student.vocab_size < cache.vocab_size:
+    raise ValueError(f"{field}: the cache indexes {cache.vocab_size} tokens, the student has {student.vocab_size}")
+  cached_tok, student_tok = cache.tokenizer(), student.tokenizer
+  if cached_tok is not None and student_tok is not None and cached_tok.get_vocab() != student_tok.get_vocab():
+    raise ValueError(f"{field}: the student's tokenizer differs from the one the cache was written with")
+  return cache.vocab_size
+
+
 def build_objective(terms: Sequence[Mapping[str, Any] | Term], *, student, teachers: Mapping[str, Any]) -> Objective:
   """Validates ``terms`` against the models and returns the `Objective`.
 
@@ -266,7 +309,8 @@ def build_objective(terms: Sequence[Mapping[str, Any] | Term], *, student, teach
   """
   validated = validate_terms(terms)
   bound = tuple(_bind(i, term, student, teachers) for i, term in enumerate(validated))
-  return Objective(bound, student.hidden_size, {n: m.hidden_size for n, m in teachers.items()})
+  cached = {n: m.format for n, m in teachers.items() if _is_cache(m)}
+  return Objective(bound, student.hidden_size, {n: m.hidden_size for n, m in teachers.items()}, cached)
 
 
 # --------------------------------------------------------------------------- the objective
@@ -316,13 +360,17 @@ class Objective:
 
   Attributes:
     terms: the bound terms, in order.
-    teacher_names: teachers the terms use (the step runs only these).
+    teacher_names: live teachers the terms use (the step runs only these).
+    cached: ``{teacher_name: cache_codec.CacheFormat}`` of the cached teachers, whose packed
+      rows the batch carries (``teacher_cache.batch_key(name)``).
   """
 
-  def __init__(self, bound: Sequence[_Bound], student_hidden: int, teacher_hidden: Mapping[str, int]):
+  def __init__(self, bound: Sequence[_Bound], student_hidden: int, teacher_hidden: Mapping[str, int],
+               cached: Optional[Mapping[str, Any]] = None):
     self.bound = tuple(bound)
     self.terms = tuple(b.term for b in self.bound)
-    self.teacher_names = tuple(sorted({n for t in self.terms for n in t.teachers}))
+    self.cached = dict(cached or {})
+    self.teacher_names = tuple(sorted({n for t in self.terms for n in t.teachers} - set(self.cached)))
     self._student_hidden = student_hidden
     self._teacher_hidden = dict(teacher_hidden)
 
@@ -393,13 +441,24 @@ class Objective:
       total += float(b.term.weight_at(jnp.asarray(step))) * float(s) / max(float(c), 1.0)
     return total
 
+  def _sparse_teacher(self, b: _Bound, t_outs, batch) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The term's teacher as ``(ids, logprobs, log_tail)``: decoded from the batch's cache rows,
+    or the exact top-k of the live teacher's logits."""
+    from distill_jax import cache_codec, teacher_cache
+
+    name = b.term.teachers[0]
+    if name in self.cached:
+      return cache_codec.decode(self.cached[name], batch[teacher_cache.batch_key(name)])
+    logits = t_outs[name].logits if b.vocab is None else t_outs[name].logits[..., :b.vocab]
+    return cache_codec.top_k_teacher(logits, b.top_k)
+
   def _term(self, b: _Bound, s_out, t_outs, batch, mask_BxT, proj, step, axis_name, logit_where):
     term = b.term
     spec = LOSSES[term.loss]
-    t_out = t_outs[term.teachers[0]] if term.teachers else None
+    t_out = t_outs.get(term.teachers[0]) if term.teachers else None  # None: a cached teacher
     example_mask_B = mask_BxT.any(-1)
 
-    if spec.inputs in ("logits", "labels"):
+    if spec.inputs in ("logits", "labels", "sparse"):
       classify = s_out.logits.ndim == 2
       if logit_where is not None and not classify:
         where = logit_where
@@ -412,6 +471,11 @@ class Objective:
         values = spec.fn(s_logits, batch["labels"], where=where, **_kwargs(spec, term))
         return losses.masked_sum_and_count(values, where)
       temperature = term.temperature_at(step)
+      if spec.inputs == "sparse":
+        ids, logprobs, log_tail = self._sparse_teacher(b, t_outs, batch)
+        values = spec.fn(s_logits, ids, logprobs, log_tail, where=where,
+                         **_kwargs(spec, term, temperature=temperature))
+        return losses.masked_sum_and_count(values, where)
       if spec.multi_teacher:
         logp = [jax.nn.log_softmax(t_outs[n].logits[..., :s_logits.shape[-1]].astype(jnp.float32) / temperature)
                 for n in term.teachers]

@@ -26,7 +26,8 @@ def eval_loss(run: Run, state: Any, max_batches: int) -> dict[str, float]:
   """
   from distill_jax import data
 
-  it = data.eval_batches(run.eval_examples, global_batch_size=_eval_batch_size(run.config))
+  it = data.eval_batches(run.eval_examples, global_batch_size=_eval_batch_size(run.config),
+                         extras=run.batch_extras("validation"))
   per_batch = []
   for i, batch in enumerate(it):
     if max_batches and i >= max_batches:
@@ -63,7 +64,7 @@ def _agreement_batches(run: Run) -> Iterator[dict]:
   from distill_jax import data
 
   it = data.eval_batches(run.eval_examples, global_batch_size=_eval_batch_size(run.config), process_index=0,
-                         process_count=1)
+                         process_count=1, extras=run.batch_extras("validation"))
   key = jax.random.PRNGKey(run.config.train.seed + 12345)
   for i, batch in enumerate(it):
     if run.batch_transform is not None:
@@ -74,8 +75,8 @@ def _agreement_batches(run: Run) -> Iterator[dict]:
 def _agreement(run: Run, student_params: Any) -> dict[str, float]:
   from distill_jax import evaluate as evaluate_lib
 
-  teacher = run.teachers[run.main_teacher]
-  t_params = teacher.params
+  teacher = run.main_model
+  t_params = getattr(teacher, "params", {})  # a teacher cache has none: it reads the batch
   max_batches = run.config.train.eval_batches or None
   # Host arrays, as the initial params are: the undistilled and the distilled student then
   # share one compiled eval step instead of one per input sharding.
@@ -112,17 +113,17 @@ def final_report(run: Run, params: Any, run_dir: pathlib.Path, before: Optional[
 
   after = _agreement(run, params)
   before = before if before is not None else _agreement(run, run.initial_student_params)
-  teacher = run.teachers[run.main_teacher]
+  teacher = run.teachers.get(run.main_teacher)  # None when read from its cache: not timed
   sample = next(_agreement_batches(run))
   tc = run.config.teachers.get(run.main_teacher)
   teacher_dir = None
-  if tc is not None and tc.path != config_lib.SELF_TEACHER:
+  if teacher is not None and tc is not None and tc.path != config_lib.SELF_TEACHER:
     resolved = config_lib.resolve_model_path(tc.path)
     teacher_dir = resolved if os.path.isdir(resolved) else None
-  efficiency = efficiency_lib.measure_efficiency(run.student, params, teacher, teacher.params, sample,
+  efficiency = efficiency_lib.measure_efficiency(run.student, params, teacher, getattr(teacher, "params", None), sample,
                                                student_dir=export_dir, teacher_dir=teacher_dir,
                                                iters=max(run.config.eval.throughput_batches, 1))
-  rep = report_lib.build_report(before, after, efficiency, teacher_name=str(tc.path if tc else run.main_teacher),
+  rep = report_lib.build_report(before, after, efficiency, teacher_name=str(tc.path or tc.cache if tc else run.main_teacher),
                                 student_name=f"{run.student.family} {run.student.num_layers} layers")
   rep["nonfinite_steps"] = [int(r["step"]) for r in history if r.get("train/nonfinite", 0) > 0]
   rep["steps"], rep["export_dir"] = run.config.train.steps, export_dir  # what a rerun checks (finished_run)

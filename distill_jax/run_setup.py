@@ -37,10 +37,22 @@ class Run:
   teacher_params: dict[str, Any]
   initial_student_params: Any
   shared_vocab: Optional[int]
+  caches: dict[str, Any] = dataclasses.field(default_factory=dict)  # cached teachers (never loaded)
+
+  def batch_extras(self, split: str) -> dict[str, Any]:
+    """``{batch key: rows reader}`` of the cached teachers for the data pipeline's `split`."""
+    from distill_jax import teacher_cache
+
+    return {teacher_cache.batch_key(n): c.rows(split) for n, c in self.caches.items()}
 
   @property
   def main_teacher(self) -> str:
     return main_teacher(self.config)
+
+  @property
+  def main_model(self) -> Any:
+    """The main teacher: its model, or its `teacher_cache.TeacherCache`."""
+    return self.caches.get(self.main_teacher) or self.teachers[self.main_teacher]
 
 
 def main_teacher(cfg: config_lib.Config) -> str:
@@ -76,7 +88,7 @@ def _build_student(cfg: config_lib.Config, teachers: Mapping[str, Any]) -> Any:
   source_name = s.teacher or next((n for n, t in cfg.teachers.items() if t.path != config_lib.SELF_TEACHER), None)
   if s.init == "path":
     path = config_lib.resolve_model_path(s.path, "student.path")
-    task = s.task or (teachers[source_name].task if source_name else "causal_lm")
+    task = s.task or (cfg.teachers[source_name].task if source_name else "causal_lm")
     with _naming("student.path"):
       return models.load_model(path, task, dtype=s.dtype, param_dtype=s.param_dtype, num_labels=s.num_labels,
                                remat=s.remat)
@@ -111,7 +123,7 @@ def _with_param_dtype(model: Any, param_dtype: str) -> Any:
 def _load_models(cfg: config_lib.Config) -> tuple[Any, dict[str, Any]]:
   """The student and the teachers by name (a "student" teacher is its frozen copy)."""
   teachers = {name: load_teacher(name, tc) for name, tc in cfg.teachers.items()
-              if tc.path != config_lib.SELF_TEACHER}
+              if tc.path != config_lib.SELF_TEACHER and tc.cache is None}
   student = _build_student(cfg, teachers)
   for name, tc in cfg.teachers.items():
     if tc.path == config_lib.SELF_TEACHER:
@@ -132,6 +144,10 @@ def data_tokenizer(cfg: config_lib.Config, main: str) -> Any:
   from distill_jax.models import checkpoints
 
   tc = cfg.teachers[main]
+  if tc.cache is not None:  # the tokenizer the cache was written with
+    from distill_jax import teacher_cache
+
+    return teacher_cache.open_cache(main, tc.cache).tokenizer()
   sources = [] if tc.path == config_lib.SELF_TEACHER else [(f"teachers.{main}.path", tc.path)]
   if cfg.student.init == "path":
     sources.append(("student.path", cfg.student.path))
@@ -143,7 +159,7 @@ def data_tokenizer(cfg: config_lib.Config, main: str) -> Any:
   raise ValueError(f"{sources[0][0] if sources else 'student.path'}: the checkpoint has no tokenizer files")
 
 
-def _load_data(cfg: config_lib.Config, tokenizer: Any, task: str) -> tuple[Any, Any]:
+def load_data(cfg: config_lib.Config, tokenizer: Any, task: str) -> tuple[Any, Any]:
   from distill_jax import data
 
   d = cfg.data
@@ -205,6 +221,7 @@ def _set_precision(cfg: config_lib.Config) -> None:
 def build_run(cfg: config_lib.Config) -> Run:
   """Loads models and data and builds the objective, mesh, optimizer, step and state."""
   from distill_jax import models, objective as objective_lib, sharding, state as state_lib, step as step_lib
+  from distill_jax import teacher_cache
 
   _set_precision(cfg)
   import datasets
@@ -222,11 +239,16 @@ def build_run(cfg: config_lib.Config) -> Run:
                      f"{_student_task(cfg)!r}")
   main = main_teacher(cfg)
   tokenizer = data_tokenizer(cfg, main)
-  train_ex, eval_ex = _load_data(cfg, tokenizer, _student_task(cfg))
+  caches = {n: teacher_cache.open_cache(n, tc.cache) for n, tc in cfg.teachers.items() if tc.cache is not None}
+  train_ex, eval_ex = load_data(cfg, tokenizer, _student_task(cfg))
+  for cache in caches.values():  # before any model loads
+    cache.check(tokenizer, {"train": train_ex, "validation": eval_ex})
   student, teachers = _load_models(cfg)
-  objective = objective_lib.build_objective(cfg.resolved_terms(), student=student, teachers=teachers)
+  objective = objective_lib.build_objective(cfg.resolved_terms(), student=student, teachers={**teachers, **caches})
   shared_vocab = None
-  if student.task in ("causal_lm", "masked_lm", "sequence_classification") and teachers[main].task == student.task:
+  if main in caches:
+    shared_vocab = objective_lib.cache_vocab(caches[main], student, f"teachers.{main}.cache")
+  elif student.task in ("causal_lm", "masked_lm", "sequence_classification") and teachers[main].task == student.task:
     shared_vocab = models.check_vocab(teachers[main], student) if student.task != "sequence_classification" else None
   transform = _batch_transform(cfg, student.task, tokenizer, train_ex, shared_vocab or student.vocab_size, main)
   o = cfg.optimizer
@@ -259,7 +281,7 @@ def build_run(cfg: config_lib.Config) -> Run:
     t_params = step_lib.replicate({n: t.params for n, t in teachers.items()})
     step_fn = step_lib.make_pmap_step(**step_kw)
   return Run(cfg, student, teachers, objective, train_ex, eval_ex, transform, mesh, optimizer, step_fn, state,
-             t_params, initial_student, shared_vocab)
+             t_params, initial_student, shared_vocab, caches)
 
 
 def host_state(run: Run, state: Any) -> Any:

@@ -76,7 +76,8 @@ def train(cfg: config_lib.Config) -> RunResult:
   config_json = cfg.to_dict()
   train_it = data.train_batches(run.train_examples, global_batch_size=cfg.data.global_batch_size,
                                 seed=cfg.data.shuffle_seed if cfg.data.shuffle_seed is not None else cfg.train.seed,
-                                num_devices=jax.device_count(), prefetch=cfg.data.prefetch)
+                                num_devices=jax.device_count(), prefetch=cfg.data.prefetch,
+                                extras=run.batch_extras("train"))
   state = run.state
   resumed_from = None
   if cfg.checkpoint.resume and ckpt.latest_step() is not None:

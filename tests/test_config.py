@@ -223,7 +223,7 @@ BAD = [
     (["trian.steps=3"], r"unknown key 'trian' \(did you mean 'train'\?\); allowed: teachers, student, "),
     (["train.stepz=3"], r"unknown key 'train\.stepz' \(did you mean 'steps'\?\); allowed: steps, seed, "),
     (["objective.terms[0].temprature=2"], r"unknown key 'objective\.terms\[0\]\.temprature'"),
-    (["teacher.pth=x"], r"unknown key 'teachers\.teacher\.pth'.*allowed: path, task"),
+    (["teacher.pth=x"], r"unknown key 'teachers\.teacher\.pth'.*allowed: path, cache, task"),
     (["train.steps=ten"], r"^config: train\.steps: Input should be a valid integer, got 'ten'$"),
     (["objective.terms[0]=5"], r"objective\.terms\[0\]: Input should be a dictionary .*, got 5$"),
     (["objective.terms[2].temperature=-1"], r"objective\.terms\[2\]\.temperature: Input should be greater than 0, got -1"),
@@ -315,7 +315,7 @@ def test_bad_input_is_one_line_error_naming_the_field(case, pattern):
      "keep_last, keep_best, best_metric, best_mode, async_save, fallback, resume"),
     ("objective.terms[1].temprature=2", "config: unknown key 'objective.terms[1].temprature' (did you mean "
      "'temperature'?); allowed: loss, weight, name, teacher, layers, projection, temperature, positions, beta, "
-     "normalized, skew, label_smoothing, kind, pooling, include_embeddings, weight_schedule, temperature_schedule"),
+     "normalized, skew, label_smoothing, kind, pooling, include_embeddings, top_k, weight_schedule, temperature_schedule"),
 ])
 def test_pydantic_errors_are_one_line_naming_the_dotted_field(tmp_path, override, message):
   path = tmp_path / "c.yaml"
@@ -331,7 +331,7 @@ def test_unknown_key_lists_allowed_keys_top_level():
   msg = str(info.value)
   assert "unknown key 'trainer'" in msg
   assert msg.endswith("allowed: teachers, student, objective, data, optimizer, train, mesh, "
-                      "distributed, checkpoint, eval, export, logging, generate")
+                      "distributed, checkpoint, eval, export, logging, generate, cache")
 
 
 def test_loss_registry_errors_come_from_the_objective():

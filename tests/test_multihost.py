@@ -33,7 +33,6 @@ def worker(coordinator: str, process_id: int, checkpoint: str, out: str) -> None
 
   import distill_jax as dj
   from distill_jax import sharding as sharding_lib
-  from distill_jax import state as state_lib
   from distill_jax import step as step_lib
   from test_step import make_batch, problem
 

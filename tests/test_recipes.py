@@ -170,7 +170,7 @@ def _projection_kernels(result):
 def test_every_config_has_a_run_test():
   tested = {"default.yaml", "bert_to_distilbert_cls.yaml", "distilbert_mlm.yaml", "tinybert_general.yaml",
             "minilm.yaml", "gpt2_to_small.yaml", "llama_logit_kd.yaml", "gkd.yaml", "seq_kd.yaml",
-            "self_distill.yaml",
+            "self_distill.yaml", "cache_then_train.yaml",
             "multi_teacher.yaml", "tpu_pod.yaml", "gpu.yaml"}
   assert {os.path.basename(p) for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))} == tested
 
@@ -281,6 +281,23 @@ def test_seq_kd_generate_then_train(workdir, checkpoints, text_files):
   assert completions.read_text() == first  # greedy: the same file again
   cfg, result = _run("seq_kd.yaml", workdir, [*models, f"data.source={completions}"])
   assert cfg.data.completion_column == "completion"
+  _check_run(cfg, result, family="llama 2")
+
+
+def test_cache_then_train(workdir, checkpoints, text_files):
+  from distill_jax import cli
+
+  cache = workdir / "cache_then_train" / "teacher_cache"
+  common = [*CHEAP, f"data.cache_dir={workdir / 'hf_cache'}", f"data.source={text_files['text']}",
+            f"student.path={checkpoints('llama_student')}", f"teacher.cache={cache}"]
+  recipe = os.path.join(CONFIG_DIR, "cache_then_train.yaml")
+  assert cli.main(["cache-teacher", recipe, f"teacher.path={checkpoints('llama_teacher')}", "cache.top_k=16",
+                   "cache.shard_rows=8", *common]) == 0
+  manifest = json.loads((cache / "manifest.json").read_text())
+  assert manifest["top_k"] == 16 and manifest["tokens"] > 0 and manifest["bytes_per_token"] > 0
+  # Training reads the cache and never loads the teacher: it has no path at all.
+  cfg, result = _run("cache_then_train.yaml", workdir, ["teacher.path=null", *common[len(CHEAP) + 1:]])
+  assert cfg.teachers["teacher"].path is None and cfg.teachers["teacher"].cache == str(cache)
   _check_run(cfg, result, family="llama 2")
 
 

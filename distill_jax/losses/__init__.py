@@ -31,6 +31,11 @@ from distill_jax.losses._relation import rkd_angle
 from distill_jax.losses._relation import rkd_distance
 from distill_jax.losses._relation import similarity_preserving
 from distill_jax.losses._relation import token_relation
+from distill_jax.losses._sparse import chunked_sparse_forward_kl
+from distill_jax.losses._sparse import chunked_sparse_generalized_jsd
+from distill_jax.losses._sparse import sparse_forward_kl
+from distill_jax.losses._sparse import sparse_generalized_jsd
+from distill_jax.losses._sparse import sparse_reverse_kl
 from distill_jax.losses._vocab import chunked_forward_kl
 from distill_jax.losses._vocab import chunked_generalized_jsd
 
@@ -39,6 +44,8 @@ __all__ = [
     "attention_mse",
     "chunked_forward_kl",
     "chunked_generalized_jsd",
+    "chunked_sparse_forward_kl",
+    "chunked_sparse_generalized_jsd",
     "cosine_distance",
     "cross_entropy",
     "forward_kl",
@@ -53,6 +60,9 @@ __all__ = [
     "similarity_preserving",
     "skew_kl",
     "skew_reverse_kl",
+    "sparse_forward_kl",
+    "sparse_generalized_jsd",
+    "sparse_reverse_kl",
     "token_relation",
     "total_variation",
     "value_relation_kl",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +23,9 @@ from distill_jax.losses import _reduce
 
 DEFAULT_CHUNK_SIZE = 512
 
-# (student_logits [K, V] f32, teacher_logits [K, V] f32, mask [K]) -> values [K]
-ChunkLoss = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+# (student_logits [K, V] f32, teacher_K (a pytree of per-token [K, ...] arrays), mask [K])
+# -> values [K]
+ChunkLoss = Callable[[jax.Array, Any, jax.Array], jax.Array]
 
 
 def _logits(h_KxD: jax.Array, w_DxV: jax.Array, b_V: jax.Array) -> jax.Array:
@@ -34,47 +35,82 @@ def _logits(h_KxD: jax.Array, w_DxV: jax.Array, b_V: jax.Array) -> jax.Array:
 def _chunked_values(
     chunk_loss: ChunkLoss,
     hs_CxKxDs: jax.Array, ws_DsxV: jax.Array, bs_V: jax.Array,
-    ht_CxKxDt: jax.Array, wt_DtxV: jax.Array, bt_V: jax.Array,
+    teacher_CxK: Any,
     mask_CxK: jax.Array,
 ) -> jax.Array:
-  """Per-token values `[C, K]` with a memory-lean custom VJP (student gradients only)."""
+  """Per-token values `[C, K]` with a memory-lean custom VJP (student gradients only).
 
-  def chunk_values(hs_KxDs, ht_KxDt, mask_K, ws, bs):
-    teacher_KxV = jax.lax.stop_gradient(_logits(ht_KxDt, wt_DtxV, bt_V))
-    return chunk_loss(_logits(hs_KxDs, ws, bs), teacher_KxV, mask_K)
+  ``teacher_CxK`` is a pytree of constant per-token teacher inputs, each `[C, K, ...]`,
+  handed chunk by chunk to ``chunk_loss``.  The custom VJP's backward pass closes over no
+  tracer (that breaks e.g. ``grad(jit(...))``): the teacher, the mask and the float arrays
+  ``chunk_loss`` closes over (a traced temperature, ...) are explicit inputs, the latter
+  differentiated (a teacher under ``stop_gradient`` gets zero).
+  """
+  spec = lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+  loss, consts = jax.closure_convert(
+      chunk_loss, jax.ShapeDtypeStruct((hs_CxKxDs.shape[1], ws_DsxV.shape[1]), jnp.float32),
+      jax.tree.map(spec, teacher_CxK), spec(mask_CxK))
 
   @jax.custom_vjp
-  def run(hs, ws, bs):
-    return jax.lax.map(lambda xs: chunk_values(*xs, ws, bs), (hs, ht_CxKxDt, mask_CxK))
+  def run(hs, ws, bs, teacher, mask, consts):
+    return jax.lax.map(
+        lambda xs: loss(_logits(xs[0], ws, bs), xs[1], xs[2], *consts), (hs, teacher, mask))
 
-  def fwd(hs, ws, bs):
-    return run(hs, ws, bs), (hs, ws, bs)
+  def fwd(*args):
+    return run(*args), args
 
   def bwd(res, g_CxK):
-    hs, ws, bs = res
+    hs, ws, bs, teacher, mask, consts = res
 
     def body(carry, xs):
-      dws_acc, dbs_acc = carry
-      hs_KxDs, ht_KxDt, mask_K, g_K = xs
+      dws_acc, dbs_acc, dconsts_acc = carry
+      hs_KxDs, teacher_K, mask_K, g_K = xs
       s_logits_KxV = _logits(hs_KxDs, ws, bs)
-      teacher_KxV = _logits(ht_KxDt, wt_DtxV, bt_V)
-      _, vjp = jax.vjp(lambda z: chunk_loss(z, teacher_KxV, mask_K), s_logits_KxV)
-      (dz_KxV,) = vjp(g_K.astype(jnp.float32))
+      _, vjp = jax.vjp(lambda z, c: loss(z, teacher_K, mask_K, *c), s_logits_KxV, consts)
+      dz_KxV, dconsts = vjp(g_K.astype(jnp.float32))
       dh_KxDs = jnp.dot(dz_KxV, ws.T.astype(jnp.float32), preferred_element_type=jnp.float32)
       dws_acc = dws_acc + jnp.dot(
           hs_KxDs.T.astype(jnp.float32), dz_KxV, preferred_element_type=jnp.float32)
-      return (dws_acc, dbs_acc + jnp.sum(dz_KxV, axis=0)), dh_KxDs.astype(hs.dtype)
+      dconsts_acc = jax.tree.map(jnp.add, dconsts_acc, dconsts)
+      return (dws_acc, dbs_acc + jnp.sum(dz_KxV, axis=0), dconsts_acc), dh_KxDs.astype(hs.dtype)
 
-    init = (jnp.zeros(ws.shape, jnp.float32), jnp.zeros(bs.shape, jnp.float32))
-    (dws, dbs), dhs = jax.lax.scan(body, init, (hs, ht_CxKxDt, mask_CxK, g_CxK))
-    return dhs, dws.astype(ws.dtype), dbs.astype(bs.dtype)
+    init = (jnp.zeros(ws.shape, jnp.float32), jnp.zeros(bs.shape, jnp.float32),
+            jax.tree.map(jnp.zeros_like, consts))
+    (dws, dbs, dconsts), dhs = jax.lax.scan(body, init, (hs, teacher, mask, g_CxK))
+    return dhs, dws.astype(ws.dtype), dbs.astype(bs.dtype), None, None, dconsts
 
   run.defvjp(fwd, bwd)
-  return run(hs_CxKxDs, ws_DsxV, bs_V)
+  return run(hs_CxKxDs, ws_DsxV, bs_V, teacher_CxK, mask_CxK, consts)
+
+
+def chunked_student_values(
+    chunk_loss: ChunkLoss,
+    hs_NxD: jax.Array, ws_DxV: jax.Array, bs_V: jax.Array,
+    teacher_N: Any,
+    mask_N: jax.Array,
+    chunk_size: int,
+) -> jax.Array:
+  """Per-token values `[N]` of ``chunk_loss`` over chunks of ``chunk_size`` tokens.
+
+  The student's logits ``hs @ ws + bs`` are recomputed chunk by chunk in the backward pass;
+  ``teacher_N`` (a pytree of `[N, ...]` arrays) is constant.
+  """
+  n = hs_NxD.shape[0]
+  chunk = min(chunk_size, max(n, 1))
+  num_chunks = -(-n // chunk)
+  pad = num_chunks * chunk - n
+
+  def split(x):  # [N, ...] -> [C, chunk, ...], zero-padded
+    if pad:
+      x = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
+    return x.reshape((num_chunks, chunk) + x.shape[1:])
+
+  hs, teacher, mask = jax.tree.map(split, (hs_NxD, jax.lax.stop_gradient(teacher_N), mask_N))
+  return _chunked_values(chunk_loss, hs, ws_DxV, bs_V, teacher, mask).reshape(-1)[:n]
 
 
 def _chunked_token_loss(
-    chunk_loss: ChunkLoss,
+    chunk_loss: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
     student_hidden: ArrayLike,
     student_unembed: ArrayLike,
     teacher_hidden: ArrayLike,
@@ -85,7 +121,7 @@ def _chunked_token_loss(
     student_bias: ArrayLike | None,
     teacher_bias: ArrayLike | None,
 ) -> jax.Array:
-  """Flattens tokens, pads them to a multiple of ``chunk_size`` and runs the chunks."""
+  """Flattens tokens and runs ``chunk_loss(student_logits, teacher_logits, mask)`` in chunks."""
   _reduce.check_positive_int("chunk_size", chunk_size)
   hs = jnp.asarray(student_hidden)
   ws = jnp.asarray(student_unembed)
@@ -103,23 +139,14 @@ def _chunked_token_loss(
   bt = jnp.zeros((vocab,), jnp.float32) if teacher_bias is None else jnp.asarray(teacher_bias)
   bt = jax.lax.stop_gradient(bt)
 
+  def loss(s_logits_KxV, ht_KxDt, mask_K):
+    return chunk_loss(s_logits_KxV, jax.lax.stop_gradient(_logits(ht_KxDt, wt, bt)), mask_K)
+
   n = math.prod(lead)
   mask_N = _reduce.mask_or_ones(where, lead).reshape(n)
   hs = _reduce.mask_inputs(hs.reshape(n, -1), mask_N)
   ht = _reduce.mask_inputs(ht.reshape(n, -1), mask_N)
-  chunk = min(chunk_size, max(n, 1))
-  num_chunks = -(-n // chunk)
-  pad = num_chunks * chunk - n
-  if pad:
-    hs = jnp.pad(hs, ((0, pad), (0, 0)))
-    ht = jnp.pad(ht, ((0, pad), (0, 0)))
-    mask_N = jnp.pad(mask_N, (0, pad))
-  values = _chunked_values(
-      chunk_loss,
-      hs.reshape(num_chunks, chunk, -1), ws, bs,
-      ht.reshape(num_chunks, chunk, -1), wt, bt,
-      mask_N.reshape(num_chunks, chunk))
-  return values.reshape(-1)[:n].reshape(lead)
+  return chunked_student_values(loss, hs, ws, bs, ht, mask_N, chunk_size).reshape(lead)
 
 
 def chunked_forward_kl(
