@@ -246,7 +246,7 @@ def _bind(i: int, term: Term, student, teachers: Mapping[str, Any]) -> _Bound:
         if term.top_k is not None and term.top_k != teacher.top_k:
           raise _fail(i, "top_k", f"{term.top_k} differs from the {teacher.top_k} entries teacher {name!r}'s cache "
                                   f"keeps (leave it unset)")
-        vocabs.append(cache_vocab(teacher, student, f"objective.terms[{i}].teacher"))
+        vocabs.append(teacher.student_vocab(student, f"objective.terms[{i}].teacher"))
         kw["top_k"] = teacher.top_k
         continue
       if teacher.task != student.task:
@@ -281,19 +281,6 @@ def _bind(i: int, term: Term, student, teachers: Mapping[str, Any]) -> _Bound:
 
 def _is_cache(teacher) -> bool:
   return getattr(teacher, "family", None) == "teacher cache"
-
-
-def cache_vocab(cache, student, field: str) -> int:
-  """The vocabulary a cached teacher's entries index; one-line ValueError naming `field` when
-  the student's tokenizer or logits do not cover it."""
-  if student.task != "causal_lm":
-    raise ValueError(f"{field}: a teacher cache needs a causal_lm student, got task {student.task!r}")
-  if student.vocab_size < cache.vocab_size:
-    raise ValueError(f"{field}: the cache indexes {cache.vocab_size} tokens, the student has {student.vocab_size}")
-  cached_tok, student_tok = cache.tokenizer(), student.tokenizer
-  if cached_tok is not None and student_tok is not None and cached_tok.get_vocab() != student_tok.get_vocab():
-    raise ValueError(f"{field}: the student's tokenizer differs from the one the cache was written with")
-  return cache.vocab_size
 
 
 def build_objective(terms: Sequence[Mapping[str, Any] | Term], *, student, teachers: Mapping[str, Any]) -> Objective:

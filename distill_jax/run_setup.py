@@ -247,7 +247,7 @@ def build_run(cfg: config_lib.Config) -> Run:
   objective = objective_lib.build_objective(cfg.resolved_terms(), student=student, teachers={**teachers, **caches})
   shared_vocab = None
   if main in caches:
-    shared_vocab = objective_lib.cache_vocab(caches[main], student, f"teachers.{main}.cache")
+    shared_vocab = caches[main].student_vocab(student, f"teachers.{main}.cache")
   elif student.task in ("causal_lm", "masked_lm", "sequence_classification") and teachers[main].task == student.task:
     shared_vocab = models.check_vocab(teachers[main], student) if student.task != "sequence_classification" else None
   transform = _batch_transform(cfg, student.task, tokenizer, train_ex, shared_vocab or student.vocab_size, main)

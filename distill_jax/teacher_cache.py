@@ -161,6 +161,18 @@ class TeacherCache:
                         f"run's {got[:12]}: data.source, data.max_length, data.max_examples... differ); rerun "
                         f"distill-jax cache-teacher with this run's data settings")
 
+  def student_vocab(self, student: Any, field: str) -> int:
+    """The vocabulary the cached entries index; one-line ValueError naming `field` unless the
+    student is a causal LM whose tokenizer and logits cover it."""
+    if student.task != "causal_lm":
+      raise ValueError(f"{field}: a teacher cache needs a causal_lm student, got task {student.task!r}")
+    if student.vocab_size < self.vocab_size:
+      raise ValueError(f"{field}: the cache indexes {self.vocab_size} tokens, the student has {student.vocab_size}")
+    cached, own = self.tokenizer(), student.tokenizer
+    if cached is not None and own is not None and cached.get_vocab() != own.get_vocab():
+      raise ValueError(f"{field}: the student's tokenizer differs from the one the cache was written with")
+    return self.vocab_size
+
   def rows(self, split: str) -> "CachedRows":
     return CachedRows(self.root, split, self.manifest["splits"][split], self.format.bytes_per_token)
 
