@@ -65,13 +65,13 @@ def load_teacher(name: str, tc: config_lib.TeacherConfig) -> Any:
 
   field = f"teachers.{name}.path"
   path = config_lib.resolve_model_path(tc.path, field)
-  with _naming(field):
+  with field_errors(field):
     return models.load_model(path, tc.task, dtype=tc.dtype, param_dtype=tc.param_dtype, num_labels=tc.num_labels)
 
 
 @contextlib.contextmanager
-def _naming(field: str) -> Iterator[None]:
-  """Re-raises a model-loading error as one line that starts with the config field."""
+def field_errors(field: str) -> Iterator[None]:
+  """Re-raises a model-loading error (ValueError, OSError) as one line that starts with `field`."""
   try:
     yield
   except (ValueError, OSError) as e:
@@ -89,7 +89,7 @@ def _build_student(cfg: config_lib.Config, teachers: Mapping[str, Any]) -> Any:
   if s.init == "path":
     path = config_lib.resolve_model_path(s.path, "student.path")
     task = s.task or (cfg.teachers[source_name].task if source_name else "causal_lm")
-    with _naming("student.path"):
+    with field_errors("student.path"):
       return models.load_model(path, task, dtype=s.dtype, param_dtype=s.param_dtype, num_labels=s.num_labels,
                                remat=s.remat)
   if source_name is None:
@@ -152,7 +152,7 @@ def data_tokenizer(cfg: config_lib.Config, main: str) -> Any:
   if cfg.student.init == "path":
     sources.append(("student.path", cfg.student.path))
   for field, path in sources:
-    with _naming(field):
+    with field_errors(field):
       tok = checkpoints.load_tokenizer(checkpoints.resolve_checkpoint(config_lib.resolve_model_path(path, field)))
     if tok is not None:
       return tok

@@ -258,7 +258,9 @@ def _meta(cfg: config_lib.Config, name: str, fmt: cache_codec.CacheFormat, token
 
 def _identity(meta: Mapping[str, Any]) -> dict[str, Any]:
   """The parts of a cache's meta that must match for a rerun to resume it."""
-  return {"version": meta.get("version"), "format": meta.get("format"), "teacher": meta.get("teacher"),
+  teacher = meta.get("teacher", {})  # the weights, wherever they are now
+  return {"version": meta.get("version"), "format": meta.get("format"),
+          "teacher": (teacher.get("checksum"), teacher.get("dtype")),
           "tokenizer": meta.get("tokenizer_fingerprint"),
           "data": {s: (v.get("data_fingerprint"), v.get("shard_rows")) for s, v in meta.get("splits", {}).items()}}
 
@@ -324,7 +326,8 @@ def write_cache(cfg: config_lib.Config, *, progress_bar: Optional[bool] = None) 
   root = pathlib.Path(out).expanduser()
   tc = cfg.teachers[name]
   field = f"teachers.{name}.path"
-  teacher_dir = checkpoints.resolve_checkpoint(config_lib.resolve_model_path(tc.path, field))
+  with run_setup.field_errors(field):
+    teacher_dir = checkpoints.resolve_checkpoint(config_lib.resolve_model_path(tc.path, field))
   tokenizer = checkpoints.load_tokenizer(teacher_dir)
   if tokenizer is None:
     raise UserError(f"{field}: the checkpoint has no tokenizer files")
