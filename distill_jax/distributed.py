@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 
@@ -51,6 +51,13 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
                              heartbeat_timeout_seconds=heartbeat_timeout_s,
                              initialization_timeout=initialization_timeout_s)
   _INITIALIZED = key
+
+
+def initialize_from(config: Any) -> None:
+  """`initialize` as a run's ``distributed`` config section asks (nothing when it is off)."""
+  if config.enabled:
+    initialize(config.coordinator, config.num_processes, config.process_id,
+               heartbeat_timeout_s=config.heartbeat_timeout_s, initialization_timeout_s=config.initialization_timeout_s)
 
 
 def is_main_process() -> bool:

@@ -239,6 +239,9 @@ def _bind(i: int, term: Term, student, teachers: Mapping[str, Any]) -> _Bound:
     vocabs = []
     for name in term.teachers:
       teacher = teachers[name]
+      if spec.inputs == "sparse" and student.task != "causal_lm":
+        raise _fail(i, "loss", f"{term.loss} compares next-token distributions; the student's task is "
+                               f"{student.task!r}, not causal_lm")
       if _is_cache(teacher):
         if spec.inputs != "sparse":
           raise _fail(i, "loss", f"teacher {name!r} is a cache (top-k log-probabilities only); {term.loss} needs its "

@@ -81,8 +81,11 @@ def _agreement(run: Run, student_params: Any) -> dict[str, float]:
   # Host arrays, as the initial params are: the undistilled and the distilled student then
   # share one compiled eval step instead of one per input sharding.
   student_params = jax.device_get(student_params)
-  return evaluate_lib.evaluate(run.student, student_params, teacher, t_params, _agreement_batches(run),
-                               max_batches=max_batches, shared_vocab=run.shared_vocab)
+  metrics = evaluate_lib.evaluate(run.student, student_params, teacher, t_params, _agreement_batches(run),
+                                  max_batches=max_batches, shared_vocab=run.shared_vocab)
+  if run.main_teacher in run.caches:  # its own NLL would be of the tail-spread completion: not reported
+    metrics = {k: v for k, v in metrics.items() if not k.startswith("teacher_")}
+  return metrics
 
 
 def undistilled_eval(run: Run, run_dir: pathlib.Path) -> dict[str, float]:

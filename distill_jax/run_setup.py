@@ -147,7 +147,7 @@ def data_tokenizer(cfg: config_lib.Config, main: str) -> Any:
   if tc.cache is not None:  # the tokenizer the cache was written with
     from distill_jax import teacher_cache
 
-    return teacher_cache.open_cache(main, tc.cache).tokenizer()
+    return teacher_cache.open_cache(main, tc.cache).tokenizer
   sources = [] if tc.path == config_lib.SELF_TEACHER else [(f"teachers.{main}.path", tc.path)]
   if cfg.student.init == "path":
     sources.append(("student.path", cfg.student.path))
@@ -213,7 +213,7 @@ def _on_policy(cfg: config_lib.Config, student: Any, tokenizer: Any) -> Any:
   return on_policy.OnPolicy(lmbda=op.lmbda, prompt_length=op.prompt_length, sample=sample)
 
 
-def _set_precision(cfg: config_lib.Config) -> None:
+def set_precision(cfg: config_lib.Config) -> None:
   if cfg.train.precision != "default":
     jax.config.update("jax_default_matmul_precision", cfg.train.precision)
 
@@ -223,7 +223,7 @@ def build_run(cfg: config_lib.Config) -> Run:
   from distill_jax import models, objective as objective_lib, sharding, state as state_lib, step as step_lib
   from distill_jax import teacher_cache
 
-  _set_precision(cfg)
+  set_precision(cfg)
   import datasets
 
   datasets.disable_progress_bars()

@@ -27,6 +27,7 @@ pipeline (:func:`distill_jax.data.train_batches` ``extras``); the step decodes t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -74,15 +75,30 @@ def data_fingerprint(examples: Any) -> str:
 
 def teacher_checksum(path: str | os.PathLike) -> str:
   """sha256 over the checkpoint's config.json and weight files (names and contents)."""
-  root = pathlib.Path(path)
-  files = [root / "config.json"] + sorted(f for f in root.iterdir() if f.suffix in (".safetensors", ".bin", ".msgpack"))
   h = hashlib.sha256()
-  for f in files:
+  for f in _weight_files(pathlib.Path(path)):
     h.update(f.name.encode())
     with open(f, "rb") as stream:
       for block in iter(lambda: stream.read(1 << 24), b""):
         h.update(block)
   return h.hexdigest()
+
+
+def _weight_files(path: pathlib.Path) -> list[pathlib.Path]:
+  return [path / "config.json"] + sorted(f for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".msgpack"))
+
+
+def _checksum(root: pathlib.Path, teacher_dir: pathlib.Path) -> tuple[str, list]:
+  """`teacher_checksum` and the files' ``[name, size, mtime_ns]``; a rerun on an unchanged
+  checkpoint (same names, sizes, times) reuses the checksum its cache recorded instead of
+  reading every weight again."""
+  files = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in _weight_files(teacher_dir)]
+  for path in (root / MANIFEST, root / "progress.json"):
+    if path.is_file():
+      teacher = json.loads(path.read_text()).get("teacher", {})
+      if teacher.get("files") == files:
+        return teacher["checksum"], files
+  return teacher_checksum(teacher_dir), files
 
 
 def _shard_path(root: pathlib.Path, split: str, shard: int) -> pathlib.Path:
@@ -140,7 +156,9 @@ class TeacherCache:
     logits = jnp.put_along_axis(fill, ids, logprobs, axis=-1, inplace=False)
     return ModelOutputs(logits=logits)
 
+  @functools.cached_property
   def tokenizer(self) -> Any:
+    """The tokenizer the rows were made with (read once)."""
     from distill_jax.models import checkpoints
 
     return checkpoints.load_tokenizer(self.root / TOKENIZER_DIR)
@@ -158,8 +176,9 @@ class TeacherCache:
       want, got = self.manifest["splits"][split]["data_fingerprint"], data_fingerprint(examples)
       if want != got:
         raise UserError(f"{field}: the cache was written for other {split} data (fingerprint {want[:12]} != this "
-                        f"run's {got[:12]}: data.source, data.max_length, data.max_examples... differ); rerun "
-                        f"distill-jax cache-teacher with this run's data settings")
+                        f"run's {got[:12]}: data.source, data.max_length, data.max_examples, or train.seed when "
+                        f"the validation rows are carved from the split, differ); rerun distill-jax cache-teacher "
+                        f"with this run's data settings")
 
   def student_vocab(self, student: Any, field: str) -> int:
     """The vocabulary the cached entries index; one-line ValueError naming `field` unless the
@@ -168,7 +187,7 @@ class TeacherCache:
       raise ValueError(f"{field}: a teacher cache needs a causal_lm student, got task {student.task!r}")
     if student.vocab_size < self.vocab_size:
       raise ValueError(f"{field}: the cache indexes {self.vocab_size} tokens, the student has {student.vocab_size}")
-    cached, own = self.tokenizer(), student.tokenizer
+    cached, own = self.tokenizer, student.tokenizer
     if cached is not None and own is not None and cached.get_vocab() != own.get_vocab():
       raise ValueError(f"{field}: the student's tokenizer differs from the one the cache was written with")
     return self.vocab_size
@@ -193,11 +212,12 @@ class CachedRows:
     return self._maps[s]
 
   def __call__(self, indices: np.ndarray, length: int) -> np.ndarray:
+    indices = np.asarray(indices)
     out = np.zeros((len(indices), length, self._bytes), np.uint8)
-    for row, i in enumerate(np.asarray(indices)):
-      if i >= 0:
-        shard, j = divmod(int(i), self._shard_rows)
-        out[row] = self._shard(shard)[j, :length]
+    shard_of, row_of = np.divmod(indices, self._shard_rows)
+    for s in np.unique(shard_of[indices >= 0]):  # one gather per shard the batch touches
+      rows = (indices >= 0) & (shard_of == s)
+      out[rows] = self._shard(int(s))[row_of[rows], :length]
     return out
 
 
@@ -242,12 +262,14 @@ def cached_teacher(cfg: config_lib.Config) -> tuple[str, str]:
 
 
 def _meta(cfg: config_lib.Config, name: str, fmt: cache_codec.CacheFormat, tokenizer: Any,
-          splits: Mapping[str, Any], checksum: str) -> dict[str, Any]:
+          splits: Mapping[str, Any], checksum: tuple[str, list]) -> dict[str, Any]:
   """What identifies a cache: a rerun with the same meta resumes, another one is refused."""
+  checksum, checksum_files = checksum
   return {
       "version": VERSION, "format": fmt.to_dict(), "top_k": fmt.top_k, "bytes_per_token": fmt.bytes_per_token,
       "teacher": {"name": name, "path": cfg.teachers[name].path, "checksum": checksum,
-                  "dtype": cfg.teachers[name].dtype},
+                  "dtype": cfg.teachers[name].dtype, "param_dtype": cfg.teachers[name].param_dtype,
+                  "precision": cfg.train.precision, "files": checksum_files},
       "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
       "splits": {split: {"rows": len(ex.lengths), "row_length": int(ex.max_length),
                          "shard_rows": cfg.cache.shard_rows, "data_fingerprint": data_fingerprint(ex),
@@ -260,7 +282,7 @@ def _identity(meta: Mapping[str, Any]) -> dict[str, Any]:
   """The parts of a cache's meta that must match for a rerun to resume it."""
   teacher = meta.get("teacher", {})  # the weights, wherever they are now
   return {"version": meta.get("version"), "format": meta.get("format"),
-          "teacher": (teacher.get("checksum"), teacher.get("dtype")),
+          "teacher": tuple(teacher.get(k) for k in ("checksum", "dtype", "param_dtype", "precision")),
           "tokenizer": meta.get("tokenizer_fingerprint"),
           "data": {s: (v.get("data_fingerprint"), v.get("shard_rows")) for s, v in meta.get("splits", {}).items()}}
 
@@ -286,22 +308,32 @@ def _check_or_write_meta(root: pathlib.Path, meta: Mapping[str, Any]) -> None:
     os.replace(tmp, progress)
 
 
-def _encoder(teacher: Any, fmt: cache_codec.CacheFormat, mesh: Any):
-  """Jitted ``(params, batch) -> uint8 [B, L, bytes]``: forward, top-k + tail, encode, on the
-  process's own devices (rows split over `mesh`, params replicated)."""
-  from jax.sharding import NamedSharding, PartitionSpec
+def _encoder(name: str, teacher: Any, fmt: cache_codec.CacheFormat, mesh: Any):
+  """``(batch) -> uint8 [B, L, bytes]``, jitted: forward, top-k + tail, encode, on this
+  process's devices: the teacher sharded over `mesh` by its logical axes (``mesh.fsdp`` /
+  ``mesh.tensor``), the rows split over its batch axes."""
+  from distill_jax import models, sharding, step
 
   v = fmt.vocab_size
+  logical = {(name,) + path: axes for path, axes in models.logical_axes(teacher).items()}
+  params = step.shard_teacher_params({name: teacher.params}, mesh, logical=logical)[name]
 
   def encode(params, batch):
     logits_BxTxV = teacher.apply(params, batch, outputs=("logits",)).logits[..., :v]
     ids, logprobs, log_tail = cache_codec.top_k_teacher(logits_BxTxV, fmt.top_k)
     return cache_codec.encode(fmt, ids, logprobs, log_tail)
 
-  rows = NamedSharding(mesh, PartitionSpec("rows"))
-  jitted = jax.jit(encode, in_shardings=(NamedSharding(mesh, PartitionSpec()), rows), out_shardings=rows)
+  rows = sharding.batch_sharding(mesh)
+  jitted = jax.jit(encode, out_shardings=rows)
   # Host rows are placed explicitly: with several processes jit takes no numpy for a sharded input.
-  return lambda params, batch: jitted(params, jax.device_put(batch, rows))
+  return lambda batch: jitted(params, jax.device_put(batch, rows))
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f"distill_jax.teacher_cache.{name}")
 
 
 def write_cache(cfg: config_lib.Config, *, progress_bar: Optional[bool] = None) -> tuple[str, dict[str, Any]]:
@@ -314,14 +346,12 @@ def write_cache(cfg: config_lib.Config, *, progress_bar: Optional[bool] = None) 
     UserError / ValueError: one line naming the field (teacher, data, cache directory),
       before the teacher is loaded.
   """
-  from distill_jax import data, distributed, faults, run_setup
+  from distill_jax import data, distributed, faults, run_setup, sharding
   from distill_jax.models import checkpoints
   from distill_jax.run_log import echo
 
-  if cfg.distributed.enabled:
-    d = cfg.distributed
-    distributed.initialize(d.coordinator, d.num_processes, d.process_id, heartbeat_timeout_s=d.heartbeat_timeout_s,
-                           initialization_timeout_s=d.initialization_timeout_s)
+  distributed.initialize_from(cfg.distributed)
+  run_setup.set_precision(cfg)
   name, out = cached_teacher(cfg)
   root = pathlib.Path(out).expanduser()
   tc = cfg.teachers[name]
@@ -336,22 +366,31 @@ def write_cache(cfg: config_lib.Config, *, progress_bar: Optional[bool] = None) 
   datasets.disable_progress_bars()
   train_ex, eval_ex = run_setup.load_data(cfg, tokenizer, "causal_lm")
   splits = {"train": train_ex, "validation": eval_ex}
-  hf_vocab = len(tokenizer)
-  config_vocab = json.loads((teacher_dir / "config.json").read_text()).get("vocab_size", hf_vocab)
-  fmt = cache_codec.CacheFormat(min(hf_vocab, int(config_vocab)), min(cfg.cache.top_k, hf_vocab),
-                                cfg.cache.value_bits)
-  meta = _meta(cfg, name, fmt, tokenizer, splits, teacher_checksum(teacher_dir))
-  _check_or_write_meta(root, meta)
+  # The tokenizer's size (a padded embedding has more rows; `Model.vocab_size` is the same
+  # rule, checked once the teacher is loaded).
+  vocab = len(tokenizer)
+  if cfg.cache.top_k > vocab:
+    raise UserError(f"cache.top_k: {cfg.cache.top_k} must be <= the teacher's {vocab} tokens")
+  fmt = cache_codec.CacheFormat(vocab, cfg.cache.top_k, cfg.cache.value_bits)
+  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=jax.local_devices())
+  meta = _meta(cfg, name, fmt, tokenizer, splits, _checksum(root, teacher_dir))
+  main = distributed.is_main_process()
+  if main:  # process 0 checks (or starts) the directory, then the others look
+    _check_or_write_meta(root, meta)
+  _barrier("started")
+  if not main:
+    _check_or_write_meta(root, meta)
   if (root / MANIFEST).is_file():
     echo(f"teacher cache {root} is already complete")
     return str(root), json.loads((root / MANIFEST).read_text())
-  if jax.process_index() == 0:
+  if main:
     tokenizer.save_pretrained(str(root / TOKENIZER_DIR))
   teacher = run_setup.load_teacher(name, tc)
-  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ("rows",))
-  encode = _encoder(teacher, fmt, mesh)
-  params = jax.device_put(teacher.params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  batch_size = -(-cfg.cache.batch_size // mesh.size) * mesh.size  # whole rows per local device
+  if teacher.vocab_size != fmt.vocab_size:
+    raise UserError(f"{field}: the model has {teacher.vocab_size} usable tokens, its tokenizer {fmt.vocab_size}")
+  encode = _encoder(name, teacher, fmt, mesh)
+  shards = sharding.num_batch_shards(mesh)
+  batch_size = -(-cfg.cache.batch_size // shards) * shards  # whole rows per batch shard
   fault = faults.from_env()
   p, procs = jax.process_index(), jax.process_count()
   todo = [(split, s) for split in SPLITS
@@ -374,11 +413,11 @@ def write_cache(cfg: config_lib.Config, *, progress_bar: Optional[bool] = None) 
       idx = np.concatenate([idx, np.full(batch_size - len(idx), -1, idx.dtype)])  # one shape
       batch = data.assemble(ex, idx, ex.max_length)
       batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-      chunks.append(encode(params, batch))
+      chunks.append(encode(batch))
     packed = np.concatenate(jax.device_get(chunks))[:len(rows)]
     path = _shard_path(root, split, s)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.tmp-{p}.npy")
+    tmp = path.with_name(f"{path.stem}.tmp-{p}.npy")  # a kill mid-write leaves this, never `path`
     np.save(tmp, packed)
     os.replace(tmp, path)
     written += 1
@@ -388,26 +427,25 @@ def write_cache(cfg: config_lib.Config, *, progress_bar: Optional[bool] = None) 
     if 0 < fault.cache_exit_after_shards <= written:
       os._exit(fault.cache_exit_code)  # a kill between shards (test hook)
   bar.close()
-  if procs > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices("distill_jax.teacher_cache.done")
+  _barrier("written")
   manifest = dict(meta)
-  missing = [(split, s) for split in SPLITS
-             for s in range(_num_shards(meta["splits"][split]["rows"], cfg.cache.shard_rows))
-             if not _shard_path(root, split, s).is_file()]
+  files = [_shard_path(root, split, s) for split in SPLITS
+           for s in range(_num_shards(meta["splits"][split]["rows"], cfg.cache.shard_rows))]
+  missing = [str(f.relative_to(root)) for f in files if not f.is_file()]
   if missing:
-    raise UserError(f"cache.dir: shards {missing[:3]} are missing after caching (does every process see {root}?)")
-  files = [f for f in root.rglob("*.npy")]
+    raise UserError(f"cache.dir: shards {missing[:3]} are missing after caching (do all processes share {root}?)")
   tokens_all = sum(meta["splits"][split]["tokens"] for split in SPLITS)
   stored = sum(meta["splits"][split]["rows"] * meta["splits"][split]["row_length"] for split in SPLITS)
   manifest.update(tokens=tokens_all, stored_positions=stored, bytes=int(sum(f.stat().st_size for f in files)),
                   shards=len(files), seconds=round(time.perf_counter() - t0, 3))
-  if p == 0:
+  if main:
     tmp = root / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, root / MANIFEST)
     (root / "progress.json").unlink(missing_ok=True)
+    for stale in root.glob("*/shard-*.tmp-*.npy"):  # left by a process killed mid-write
+      stale.unlink()
+  _barrier("manifest")  # every process returns a complete cache
   echo(f"cached teacher {name!r}: {tokens_all:,} tokens, {fmt.bytes_per_token} B/token "
        f"(top {fmt.top_k}, {fmt.value_bits}-bit values), {manifest['bytes']:,} bytes in {root}")
   return str(root), manifest

@@ -53,10 +53,7 @@ def train(cfg: config_lib.Config) -> RunResult:
   """
   from distill_jax import data, distributed, preemption
 
-  if cfg.distributed.enabled:
-    d = cfg.distributed
-    distributed.initialize(d.coordinator, d.num_processes, d.process_id, heartbeat_timeout_s=d.heartbeat_timeout_s,
-                           initialization_timeout_s=d.initialization_timeout_s)
+  distributed.initialize_from(cfg.distributed)
   run_dir = prepare_run_dir(cfg)
   finished = finished_run(cfg, run_dir)
   if finished is not None:

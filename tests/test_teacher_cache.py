@@ -47,7 +47,7 @@ def _config(setup, cache_dir, *extra):
 
 
 def _shards(cache_dir):
-  return {str(p.relative_to(cache_dir)): p for p in sorted(cache_dir.rglob("shard-*.npy"))}
+  return {str(p.relative_to(cache_dir)): p for p in sorted(cache_dir.rglob("shard-[0-9][0-9][0-9][0-9][0-9].npy"))}
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +121,9 @@ def test_sparse_terms_only_against_a_cache(setup, cache8):
     _config(setup, cache8, "objective.terms=[{loss: forward_kl}]")
   with pytest.raises(config_lib.ConfigError, match="student.init must be 'path'"):
     _config(setup, cache8, "student.init=from_teacher", "student.path=null")
+  with pytest.raises(UserError, match=r"cache\.top_k: 100000 must be <= the teacher's \d+ tokens"):
+    teacher_cache.write_cache(_config(setup, setup["root"] / "too_many", "cache.top_k=100000"))
+  assert not (setup["root"] / "too_many").exists()
 
 
 @pytest.mark.slow
@@ -134,11 +137,13 @@ def test_a_killed_cache_run_resumes_without_repeating_or_skipping(setup, cache8)
   assert len(first) == 2 and not (out / "manifest.json").exists() and (out / "progress.json").exists()
   assert not list(out.rglob("*.tmp*"))  # whole shards only
   stamps = {k: (p.stat().st_mtime_ns, p.stat().st_ino) for k, p in first.items()}
+  (out / "train" / "shard-00003.tmp-0.npy").write_bytes(b"half a shard")  # as a kill mid-write leaves
   resumed = subprocess.run(args, capture_output=True, text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert {k: (p.stat().st_mtime_ns, p.stat().st_ino) for k, p in _shards(out).items() if k in first} == stamps
   reference = _shards(cache8)
   assert sorted(_shards(out)) == sorted(reference)  # nothing skipped
+  assert not list(out.rglob("*.tmp*"))
   for name, path in _shards(out).items():  # and the same bytes as the uninterrupted run
     np.testing.assert_array_equal(np.load(path), np.load(reference[name]))
   got = json.loads((out / "manifest.json").read_text())
