@@ -23,6 +23,7 @@ def _run(script, *args, devices=1, timeout=600):
   return proc.stdout
 
 
+@pytest.mark.slow  # a script end to end (tens of seconds): the second pass
 def test_step_all_modes_and_dtypes(tmp_path):
   out = tmp_path / "step.json"
   stdout = _run("step.py", "--preset", "tiny", "--modes", "jit,sharded,pmap", "--steps", "1", "--warmup", "1",
@@ -45,6 +46,7 @@ def test_flop_accounting_counts_tied_and_untied_heads():
   assert step["flops_per_step"] == 8 * (step["flops_per_token_teacher"] + step["flops_per_token_student"])
 
 
+@pytest.mark.slow  # a script end to end (tens of seconds): the second pass
 def test_torch_reference_bf16(tmp_path):
   out = tmp_path / "torch.json"
   _run("torch_reference.py", "--preset", "tiny-gpt2", "--dtype", "bfloat16", "--steps", "1", "--warmup", "1",
@@ -67,9 +69,21 @@ def test_gpu_script_is_valid_bash():
   subprocess.run(["bash", "-n", os.path.join(BENCH, "gpu.sh")], check=True)
 
 
+@pytest.mark.slow  # a script end to end (tens of seconds): the second pass
 def test_on_policy_split(tmp_path):
   out = tmp_path / "on_policy.json"
   stdout = _run("on_policy.py", "--batch", "2", "--prompt", "4", "--new", "2", "--steps", "1", "--out", str(out))
   (row,) = json.loads(out.read_text())["results"]
   assert row["sample_ms"] > 0 and row["score_ms"] > 0 and row["on_policy_step_ms"] > 0
   assert "| sample_ms | score_ms | update_ms |" in stdout
+
+
+@pytest.mark.slow
+def test_teacher_cache_quick(tmp_path):
+  out = tmp_path / "teacher_cache.json"
+  _run("teacher_cache.py", "--quick", "--out", str(out), timeout=1200)
+  result = json.loads(out.read_text())
+  assert [result["cache"][k]["bytes_per_token"] > 0 for k in ("k64", "k128")] == [True, True]
+  assert set(result["precision"]) == {f"value_bits_{b}" for b in range(4, 9)}
+  for run in result["training"].values():
+    assert run["held_out_kl_after"] < run["held_out_kl_before"]
