@@ -217,6 +217,7 @@ def test_tinybert_general_learns_projections(workdir, checkpoints, text_files):
   assert cfg.objective.terms[2].weight_schedule.start == 0.0
 
 
+@pytest.mark.slow  # 20-35 s end to end: the second pass keeps the default one under 15 min
 def test_minilm(workdir, checkpoints, text_files):
   cfg, result = _run("minilm.yaml", workdir, [
       f"teacher.path={checkpoints('bert_enc')}", *NARROW_STUDENT, f"data.source={text_files['text']}"])
@@ -265,6 +266,7 @@ def test_gkd_on_policy(workdir, checkpoints, text_files):
   assert all(r["train/on_policy"] == 1.0 for r in train_rows)
 
 
+@pytest.mark.slow  # 20-35 s end to end: the second pass keeps the default one under 15 min
 def test_seq_kd_generate_then_train(workdir, checkpoints, text_files):
   from distill_jax import cli
 
@@ -301,6 +303,7 @@ def test_cache_then_train(workdir, checkpoints, text_files):
   _check_run(cfg, result, family="llama 2")
 
 
+@pytest.mark.slow  # 20-35 s end to end: the second pass keeps the default one under 15 min
 def test_self_distill(workdir, checkpoints, text_files):
   cfg, result = _run("self_distill.yaml", workdir, [
       f"student.path={checkpoints('gpt2_student')}", f"data.source={text_files['text']}"])
@@ -321,6 +324,7 @@ def test_multi_teacher(workdir, checkpoints, text_files):
   assert student and {str(m.dtype) for m in student.values()} == {"bfloat16"}, student
 
 
+@pytest.mark.slow  # 20-35 s end to end: the second pass keeps the default one under 15 min
 def test_tpu_pod_on_a_4x2_cpu_mesh(workdir, checkpoints, text_files):
   cfg, result = _run("tpu_pod.yaml", workdir, [
       f"teacher.path={checkpoints('llama_teacher')}", "student.num_layers=2", f"data.source={text_files['text']}",
@@ -329,6 +333,7 @@ def test_tpu_pod_on_a_4x2_cpu_mesh(workdir, checkpoints, text_files):
   _check_run(cfg, result, family="llama 2")
 
 
+@pytest.mark.slow  # 20-35 s end to end: the second pass keeps the default one under 15 min
 def test_gpu_with_pmap(workdir, checkpoints, text_files):
   cfg, result = _run("gpu.yaml", workdir, [
       f"teacher.path={checkpoints('gpt2')}", "student.num_layers=2", f"data.source={text_files['text']}",
