@@ -112,6 +112,13 @@ def _is_user_error(e: BaseException) -> bool:
   return ours or isinstance(e, (ValueError, OSError, KeyError))  # UserError is a ValueError
 
 
+def _config_items(p: argparse.ArgumentParser, func) -> None:
+  """A command that takes ``CONFIG.yaml [KEY=VALUE ...]`` (see `_config`)."""
+  p.add_argument("items", nargs="*", metavar="CONFIG.yaml [KEY=VALUE ...]",
+                 help="YAML config followed by dotted overrides")
+  p.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="distill-jax",
@@ -131,9 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "config's main teacher (KV-cache decoding, greedy unless generate.temperature > 0) and write "
                      "{prompt, completion} JSON lines to generate.output; train on them with "
                      "data.text_columns=[prompt] data.completion_column=completion.")
-  p.add_argument("items", nargs="*", metavar="CONFIG.yaml [KEY=VALUE ...]",
-                 help="YAML config followed by dotted overrides")
-  p.set_defaults(func=_cmd_generate)
+  _config_items(p, _cmd_generate)
 
   p = sub.add_parser("cache-teacher", help="run a teacher once and cache its top-k log-probs for training",
                      description="Tokenize the config's training and validation data as `train` does, run the "
@@ -141,9 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "row and write its top-k ids, log-probabilities and tail mass per token to cache.dir (default: "
                      "teachers.<name>.cache), with manifest.json. Resumable: a rerun computes only the missing "
                      "shards. Then `train` with teachers.<name>.cache=DIR never loads that teacher (sparse_* terms).")
-  p.add_argument("items", nargs="*", metavar="CONFIG.yaml [KEY=VALUE ...]",
-                 help="YAML config followed by dotted overrides")
-  p.set_defaults(func=_cmd_cache_teacher)
+  _config_items(p, _cmd_cache_teacher)
 
   p = sub.add_parser("eval", help="evaluate a run's latest checkpoint against its teacher and write the report",
                      description="Evaluate the latest checkpoint of RUN_DIR (task metrics, agreement with "

@@ -202,7 +202,7 @@ class CachedRows:
 
   def __init__(self, root: pathlib.Path, split: str, info: Mapping[str, Any], bytes_per_token: int):
     self._root, self._split = root, split
-    self._shard_rows, self._rows = int(info["shard_rows"]), int(info["rows"])
+    self._shard_rows = int(info["shard_rows"])
     self._bytes = bytes_per_token
     self._maps: dict[int, np.ndarray] = {}
 
