@@ -30,9 +30,11 @@ fingerprint of each leaf, checked after restore
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import math
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -93,6 +95,39 @@ def _find_os_error(exc: BaseException) -> OSError | None:
       return exc
     exc = exc.__cause__ or exc.__context__
   return None
+
+
+# Orbax reads the arrays of a step concurrently; when one read fails, the others
+# are abandoned. Python then reports, as unraisable exceptions with tracebacks and
+# often after our one-line error, each abandoned coroutine's read error and each
+# TensorStore callback that lands on Orbax's closed event loop. They repeat the
+# failure already raised as CheckpointCorruptedError, so they are logged at debug
+# level instead; every other unraisable exception goes to the previous hook.
+_ABANDONED_READ_ERROR = "Encountered error while reading array index"
+
+
+def _is_abandoned_read(exc: BaseException | None) -> bool:
+  if exc is None:
+    return False
+  if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+    return True
+  return str(exc).startswith(_ABANDONED_READ_ERROR)
+
+
+def _drop_abandoned_reads(previous_hook: Any, unraisable: Any) -> None:
+  exc = getattr(unraisable, "exc_value", None)
+  if _is_abandoned_read(exc):
+    log.debug("an abandoned checkpoint read failed too: %s", first_line(exc, 200))
+    return
+  previous_hook(unraisable)
+
+
+def quiet_abandoned_reads() -> None:
+  """Installs (once) an unraisable hook that drops Orbax's abandoned-read errors."""
+  hook = sys.unraisablehook
+  if getattr(hook, "func", None) is _drop_abandoned_reads:
+    return
+  sys.unraisablehook = functools.partial(_drop_abandoned_reads, hook)
 
 
 # ------------------------------------------------------------------ config
@@ -398,6 +433,7 @@ class Checkpointer:
         config=ocp.args.JsonRestore())
     if "integrity" in names:
       args["integrity"] = ocp.args.JsonRestore()
+    quiet_abandoned_reads()
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # pylint: disable=broad-except

@@ -8,9 +8,12 @@ host devices; it does not depend on ``distill_jax.state``.
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import logging
 import os
+import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +260,41 @@ def test_corrupted_step_is_a_clear_error_and_fallback_restores_previous(
   assert (step, data_state) == (1, {"i": 1})
   assert_same_state(restored, state)
   assert "falling back to step 1" in caplog.text
+
+
+def test_abandoned_array_reads_of_a_corrupted_step_print_no_traceback(tmp_path, state, monkeypatch, caplog):
+  # Orbax abandons the other array reads when one fails; Python reports each as an
+  # unraisable exception with a traceback (the coroutine's read error, or "Event loop
+  # is closed" from a TensorStore callback), which must not
+  # reach the CLI's one-line error. Other unraisables still reach the previous hook.
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+  _two_steps(tmp_path, state)
+  target = _largest_array_file(tmp_path / "checkpoints" / "2")
+  data = bytearray(target.read_bytes())  # damage every chunk, so the reads themselves fail
+  for offset in range(16, len(data) - 16, max(1, len(data) // 16)):
+    data[offset:offset + 8] = bytes(b ^ 0xFF for b in data[offset:offset + 8])
+  target.write_bytes(bytes(data))
+  with ckpt.Checkpointer(tmp_path, save_every=1) as checkpointer:
+    with pytest.raises(ckpt.CheckpointCorruptedError, match="reading array index"):
+      checkpointer.restore(ckpt.abstract_like(state))
+  gc.collect()
+  # The CLI sees most of them at interpreter exit, so the installed hook is also
+  # checked directly.
+  abandoned = types.SimpleNamespace(
+      exc_value=Exception("Encountered error while reading array index: (slice(0, 1, 1),)"))
+  other = types.SimpleNamespace(exc_value=ValueError("something else"))
+  closed_loop = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+  with caplog.at_level(logging.DEBUG, logger="distill_jax.checkpoint"):
+    sys.unraisablehook(abandoned)
+    sys.unraisablehook(closed_loop)
+  sys.unraisablehook(other)
+  ckpt.quiet_abandoned_reads()  # installing twice does not stack
+  sys.unraisablehook(other)
+  repeats = ("reading array index", "Event loop is closed")
+  assert [u for u in seen if any(r in str(u.exc_value) for r in repeats)] == []
+  assert [u.exc_value for u in seen if u.exc_value is not None][-2:] == [other.exc_value] * 2
+  assert "an abandoned checkpoint read failed too" in caplog.text
 
 
 def test_corrupted_json_item_is_a_clear_error(tmp_path, state):

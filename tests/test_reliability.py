@@ -345,13 +345,17 @@ def test_disk_full_at_save_time_is_a_clear_error_and_keeps_the_previous_checkpoi
 
 
 def _garble_latest(run_dir: pathlib.Path, step: int) -> pathlib.Path:
-  """Flips bytes in the middle of the largest array file of ``step``; returns the step directory."""
+  """Flips bytes all through the largest array file of ``step``; returns the step directory.
+
+  Damage at 16 places hits compressed chunks, so Orbax's concurrent array reads
+  fail (and abandon each other), whatever the file's layout in this run.
+  """
   step_dir = run_dir / "checkpoints" / str(step)
   files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
   target = max(files, key=lambda p: p.stat().st_size)
   data = bytearray(target.read_bytes())
-  middle = len(data) // 2
-  data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+  for offset in range(64, len(data) - 64, max(1, len(data) // 16)):
+    data[offset:offset + 16] = bytes(b ^ 0xFF for b in data[offset:offset + 16])
   target.write_bytes(bytes(data))
   return step_dir
 
