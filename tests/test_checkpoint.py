@@ -267,14 +267,15 @@ def test_abandoned_array_reads_of_a_corrupted_step_print_no_traceback(tmp_path, 
   # unraisable exception with a traceback (the coroutine's read error, or "Event loop
   # is closed" from a TensorStore callback), which must not
   # reach the CLI's one-line error. Other unraisables still reach the previous hook.
-  seen = []
-  monkeypatch.setattr(sys, "unraisablehook", seen.append)
   _two_steps(tmp_path, state)
   target = _largest_array_file(tmp_path / "checkpoints" / "2")
   data = bytearray(target.read_bytes())  # damage every chunk, so the reads themselves fail
   for offset in range(16, len(data) - 16, max(1, len(data) // 16)):
     data[offset:offset + 8] = bytes(b ^ 0xFF for b in data[offset:offset + 8])
   target.write_bytes(bytes(data))
+  gc.collect()  # earlier tests' abandoned reads reach pytest's hook, not this one
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
   with ckpt.Checkpointer(tmp_path, save_every=1) as checkpointer:
     with pytest.raises(ckpt.CheckpointCorruptedError, match="reading array index"):
       checkpointer.restore(ckpt.abstract_like(state))
