@@ -186,6 +186,7 @@ def test_best_checkpoint_metric_must_be_logged():
   assert load_config(path, ["checkpoint.best_metric=eval/cls_mse"]).checkpoint.keep_best == 1
 
 
+@pytest.mark.slow  # 20-35 s end to end: the second pass keeps the default one under 15 min
 def test_bert_to_distilbert_cls(workdir, checkpoints, text_files):
   cfg, result = _run("bert_to_distilbert_cls.yaml", workdir, [
       f"teacher.path={checkpoints('bert_cls')}", "student.num_layers=2", f"data.source={text_files['sst']}"])
@@ -194,6 +195,7 @@ def test_bert_to_distilbert_cls(workdir, checkpoints, text_files):
   assert {"accuracy", "macro_f1", "top1_agreement", "kl_teacher_student"} <= names
 
 
+@pytest.mark.slow  # 20-35 s end to end: the second pass keeps the default one under 15 min
 def test_distilbert_mlm(workdir, checkpoints, text_files):
   # The recipe's gradient accumulation (4 micro-steps) is kept: 4 steps = one update.
   cfg, result = _run("distilbert_mlm.yaml", workdir, [
@@ -205,6 +207,7 @@ def test_distilbert_mlm(workdir, checkpoints, text_files):
   assert all(r["train/cross_entropy"] > 0 for r in train_rows)
 
 
+@pytest.mark.slow  # 20-35 s end to end: the second pass keeps the default one under 15 min
 def test_tinybert_general_learns_projections(workdir, checkpoints, text_files):
   # Hidden states of a narrower student need learned projections.
   cfg, result = _run("tinybert_general.yaml", workdir, [
@@ -255,6 +258,7 @@ def test_llama_logit_kd(workdir, checkpoints, text_files):
   _check_run(cfg, result, family="llama 2")
 
 
+@pytest.mark.slow  # 20-35 s end to end: the second pass keeps the default one under 15 min
 def test_gkd_on_policy(workdir, checkpoints, text_files):
   # lmbda 1: every step trains on the student's samples (prompt 8 + 4 generated tokens).
   cfg, result = _run("gkd.yaml", workdir, [
@@ -313,6 +317,7 @@ def test_self_distill(workdir, checkpoints, text_files):
   assert train_rows[0]["train/forward_kl"] < 0.01 * train_rows[0]["train/cross_entropy"]
 
 
+@pytest.mark.slow  # 20-35 s end to end: the second pass keeps the default one under 15 min
 def test_multi_teacher(workdir, checkpoints, text_files):
   cfg, result = _run("multi_teacher.yaml", workdir, [
       f"teachers.small.path={checkpoints('gpt2')}", f"teachers.medium.path={checkpoints('gpt2_medium')}",
