@@ -265,8 +265,8 @@ def test_corrupted_step_is_a_clear_error_and_fallback_restores_previous(
 def test_abandoned_array_reads_of_a_corrupted_step_print_no_traceback(tmp_path, state, monkeypatch, caplog):
   # Orbax abandons the other array reads when one fails; Python reports each as an
   # unraisable exception with a traceback (the coroutine's read error, or "Event loop
-  # is closed" from a TensorStore callback), which must not
-  # reach the CLI's one-line error. Other unraisables still reach the previous hook.
+  # is closed" from a TensorStore callback), which must not follow the CLI's one-line
+  # error. Other unraisables still reach the previous hook.
   _two_steps(tmp_path, state)
   target = _largest_array_file(tmp_path / "checkpoints" / "2")
   data = bytearray(target.read_bytes())  # damage every chunk, so the reads themselves fail

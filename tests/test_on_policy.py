@@ -195,7 +195,7 @@ def gkd_args(tmp_path_factory):
   return args
 
 
-@pytest.mark.slow  # a CLI subprocess end to end (test_recipes runs GKD lmbda 1 in-process)
+@pytest.mark.slow  # a CLI subprocess end to end (lmbda 1 in-process: test_lmbda_one_trains_on_samples_...)
 def test_lmbda_one_runs_through_the_cli(tmp_path, gkd_args, env):
   ok(run_cli(gkd_args(tmp_path / "run", "objective.on_policy.lmbda=1.0"), env))
   history = [r for r in rows(tmp_path / "run") if "train/loss" in r]
