@@ -21,7 +21,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from distill_jax import data  # noqa: E402
+from distill_jax.data import pipeline as data  # noqa: E402
 
 
 def _tokenizer():

@@ -40,8 +40,14 @@ def measure(batch: int, prompt: int, new: int, steps: int) -> dict:
   import jax
   import transformers
 
-  from distill_jax import models, objective as objective_lib, on_policy as on_policy_lib, state as state_lib
-  from distill_jax import step as step_lib
+  from distill_jax import models
+
+  from distill_jax.objective import objective as objective_lib
+
+  from distill_jax.training import on_policy as on_policy_lib
+
+  from distill_jax.training import state as state_lib
+  from distill_jax.training import step as step_lib
   from distill_jax.models import generate
 
   teacher = models.model_from_config(transformers.LlamaConfig(**TEACHER), "causal_lm", seed=0)

@@ -3,7 +3,7 @@
     python benchmarks/step.py --preset bert-base [--batch 8] [--seq 128] [--modes jit,sharded,pmap]
         [--dtypes float32,bfloat16] [--steps 20] [--warmup 2] [--out step.json]
 
-The step is the product's `distill_jax.step.train_step`: teacher forward (no gradient),
+The step is the product's `distill_jax.training.step.train_step`: teacher forward (no gradient),
 student forward + backward, AdamW update (global-norm clipping 1.0), with the objective
 ``forward_kl(T=2)`` on the logits + ``hidden_mse`` on the last hidden state built by
 `build_objective`.  Models come from HF configs with random weights (see
@@ -50,8 +50,8 @@ class Setup:
     import jax.numpy as jnp
 
     from distill_jax import models
-    from distill_jax.objective import build_objective
-    from distill_jax.state import make_optimizer
+    from distill_jax.objective.objective import build_objective
+    from distill_jax.training.state import make_optimizer
 
     self.preset, self.dtype, self.batch_size, self.seq = preset, dtype, batch, seq
     self.hf_config = common.hf_config(preset)
@@ -81,7 +81,7 @@ class Setup:
     import jax
     import jax.numpy as jnp
 
-    from distill_jax.state import create_train_state
+    from distill_jax.training.state import create_train_state
 
     # `init_student` shares the copied layers' buffers with the teacher; donating the state
     # would then donate teacher buffers too ("buffer previously donated"), so copy.
@@ -96,7 +96,9 @@ class JaxRunner:
     import jax
     import jax.numpy as jnp
 
-    from distill_jax import sharding, step
+    from distill_jax.training import sharding
+
+    from distill_jax.training import step
 
     self.setup, self.mode = setup, mode
     kwargs = setup.step_kwargs()
@@ -157,7 +159,7 @@ def breakdown(setup: Setup, steps: int) -> dict:
   import jax
   import optax
 
-  from distill_jax import step as step_lib
+  from distill_jax.training import step as step_lib
 
   s = setup
   state = s.fresh_state()

@@ -68,7 +68,10 @@ def _overrides(root, teacher, student, steps, quick, *extra):
 
 def _held_out_kl(cfg, params) -> float:
   """KL(teacher‖student) at T = 1 over the full vocabulary on the validation rows, live teacher."""
-  from distill_jax import data, evaluate, models, run_setup
+  from distill_jax import models
+  from distill_jax.data import pipeline as data
+  from distill_jax.evaluation import metrics as evaluate
+  from distill_jax.training import run_setup
 
   tokenizer = run_setup.data_tokenizer(cfg, "teacher")
   _, eval_ex = run_setup.load_data(cfg, tokenizer, "causal_lm")
@@ -94,7 +97,15 @@ def main() -> None:
   args = parser.parse_args()
   steps = 4 if args.quick else args.steps
 
-  from distill_jax import config as config_lib, run_report, run_setup, teacher_cache, trainer
+  from distill_jax.config import root as config_lib
+
+  from distill_jax.training import run_report
+
+  from distill_jax.training import run_setup
+
+  from distill_jax.data import teacher_cache
+
+  from distill_jax.training import loop as trainer
 
   root = tempfile.mkdtemp(prefix="teacher_cache_bench_")
   teacher, student = _models(root)
@@ -106,7 +117,7 @@ def main() -> None:
   for k in (64, 128):
     out = os.path.join(root, f"cache_k{k}")
     t0 = time.perf_counter()
-    _, manifest = teacher_cache.write_cache(base(f"teacher.cache={out}", f"cache.top_k={k}"), progress_bar=False)
+    _, manifest = cache_teacher.write_cache(base(f"teacher.cache={out}", f"cache.top_k={k}"), progress_bar=False)
     caches[k] = out
     result["vocab_size"] = manifest["format"]["vocab_size"]
     result["cache"][f"k{k}"] = {"seconds": round(time.perf_counter() - t0, 2), "tokens": manifest["tokens"],
@@ -122,7 +133,7 @@ def main() -> None:
   for bits in (4, 5, 6, 7, 8):
     out = caches[128] if bits == 6 else os.path.join(root, f"cache_k128_b{bits}")
     if bits != 6:
-      teacher_cache.write_cache(base(f"teacher.cache={out}", "cache.top_k=128", f"cache.value_bits={bits}"),
+      cache_teacher.write_cache(base(f"teacher.cache={out}", "cache.top_k=128", f"cache.value_bits={bits}"),
                                 progress_bar=False)
     run = run_setup.build_run(base(term, f"teacher.cache={out}", "teacher.path=null"))
     value = run_report.eval_loss(run, run.state, 0)["eval/loss"]

@@ -1,18 +1,17 @@
 """`distill-jax`: the thin command-line entry point.
 
-All logic lives in importable modules (`trainer`, `evaluate`, `checkpoint`); this file only
-parses arguments and turns user errors into one-line messages with a non-zero exit code
+Each command is a module of `distill_jax.commands` (train, eval, export, generate,
+cache-teacher, bench, ...); this file only parses arguments and turns user errors into one-line messages with a non-zero exit code
 (the full traceback only with ``--debug``).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Sequence
 
-from distill_jax.errors import UserError, first_line
+from distill_jax.errors import first_line
 
 _TRAIN_HELP = """\
 Distill a teacher into a student.
@@ -31,79 +30,43 @@ The run resumes automatically from the latest checkpoint in train.run_dir.
 """
 
 
-def _split_config_and_overrides(items: Sequence[str]) -> tuple[str | None, list[str]]:
-  config = None
-  overrides = []
-  for i, item in enumerate(items):
-    if i == 0 and "=" not in item:
-      config = item
-    else:
-      overrides.append(item)
-  return config, overrides
-
-
-def _config(args: argparse.Namespace):
-  """The command's config: ``[CONFIG.yaml] [KEY=VALUE ...]`` (no file: the packaged default)."""
-  from distill_jax import config as config_lib
-
-  path, overrides = _split_config_and_overrides(args.items)
-  if path is not None and not os.path.isfile(path):
-    raise UserError(f"config: file {path!r} does not exist")
-  return config_lib.load_config(path, overrides)
-
+# Each command's module is imported when the command runs (deferred: it loads jax, transformers
+# and the models, and `--help` or a bad argument must answer at once).
 
 def _cmd_train(args: argparse.Namespace) -> int:
-  from distill_jax import trainer
+  from distill_jax.commands import common, train
 
-  result = trainer.train(_config(args))
-  print(f"run directory: {result.run_dir}")
-  return 0
+  return train.main(common.load_command_config(args.items))
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-  from distill_jax import teacher_completions
+  from distill_jax.commands import common, generate
 
-  out, lines = teacher_completions.write_completions(_config(args))
-  print(f"wrote {lines} teacher completions to {out}")
-  return 0
+  return generate.main(common.load_command_config(args.items))
 
 
 def _cmd_cache_teacher(args: argparse.Namespace) -> int:
-  from distill_jax import teacher_cache
+  from distill_jax.commands import cache_teacher, common
 
-  out, manifest = teacher_cache.write_cache(_config(args))
-  print(f"teacher cache: {out} ({manifest['tokens']:,} tokens, {manifest['bytes_per_token']} B/token)")
-  return 0
+  return cache_teacher.main(common.load_command_config(args.items))
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-  from distill_jax import trainer
+  from distill_jax.commands import eval as eval_command
 
-  report = trainer.evaluate_run(args.run_dir, overrides=args.overrides)
-  print(f"report: {os.path.join(args.run_dir, 'report.md')}")
-  return 0 if report else 1
+  return eval_command.main(args.run_dir, args.overrides)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-  from distill_jax import trainer
+  from distill_jax.commands import export
 
-  out = trainer.export_run(args.run_dir, args.out_dir, overwrite=args.overwrite, step=args.step)
-  print(f"exported student: {out}")
-  return 0
+  return export.main(args.run_dir, args.out_dir, overwrite=args.overwrite, step=args.step)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-  import runpy
+  from distill_jax.commands import bench
 
-  here = os.path.dirname(os.path.abspath(__file__))
-  candidates = [os.path.join(os.getcwd(), "benchmarks", f"{args.script}.py"),
-                os.path.join(os.path.dirname(here), "benchmarks", f"{args.script}.py")]
-  script = next((c for c in candidates if os.path.isfile(c)), None)
-  if script is None:
-    raise UserError(f"bench: no benchmarks/{args.script}.py found (run from the repository root)")
-  sys.argv = [script, *args.args]
-  runpy.run_path(script, run_name="__main__")
-  return 0
+  return bench.main(args.script, args.args)
 
 
 def _is_user_error(e: BaseException) -> bool:
@@ -170,9 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("bench", help="run a benchmark script from benchmarks/",
                      description="Hand over to benchmarks/SCRIPT.py with the remaining arguments, e.g. "
-                     "`distill-jax bench step --preset bert-base`. Scripts: step, torch_reference, on_policy, "
-                     "vocab_kl, scaling, data.")
-  p.add_argument("script", help="benchmark name (step, torch_reference, on_policy, vocab_kl, scaling, data)")
+                     "`distill-jax bench step --preset bert-base` (from a source checkout: the benchmarks are not "
+                     "installed with the package).")
+  p.add_argument("script", help="benchmark name (step, torch_reference, on_policy, vocab_kl, scaling, data, "
+                 "teacher_cache)")
   p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
   p.set_defaults(func=_cmd_bench)
   return parser

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from scipy.special import log_softmax, logsumexp
 
-from distill_jax import cache_codec
-from distill_jax.cache_codec import CacheFormat
+from distill_jax.data import cache_codec
+from distill_jax.data.cache_codec import CacheFormat
 
 encode = jax.jit(cache_codec.encode, static_argnums=0)
 decode = jax.jit(cache_codec.decode, static_argnums=0)

@@ -2,7 +2,7 @@
 
 The state is a small TrainState-like ``flax.struct`` pytree (step, student and
 projection params, optax adamw state, a typed PRNG key) sharded over the 8 forced
-host devices; it does not depend on ``distill_jax.state``.
+host devices; it does not depend on ``distill_jax.training.state``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 import optax
 import pytest
 
-from distill_jax import checkpoint as ckpt
+from distill_jax.checkpoint import manager as ckpt
 
 P = jax.sharding.PartitionSpec
 
@@ -254,7 +254,7 @@ def test_corrupted_step_is_a_clear_error_and_fallback_restores_previous(
     message = str(info.value)
     assert str(step_dir) in message and "\n" not in message
     assert info.value.step_dir == step_dir
-    with caplog.at_level(logging.WARNING, logger="distill_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="distill_jax.checkpoint.manager"):
       restored, data_state, _, step = checkpointer.restore(
           ckpt.abstract_like(state), fallback=True)
   assert (step, data_state) == (1, {"i": 1})
@@ -286,7 +286,7 @@ def test_abandoned_array_reads_of_a_corrupted_step_print_no_traceback(tmp_path, 
       exc_value=Exception("Encountered error while reading array index: (slice(0, 1, 1),)"))
   other = types.SimpleNamespace(exc_value=ValueError("something else"))
   closed_loop = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
-  with caplog.at_level(logging.DEBUG, logger="distill_jax.checkpoint"):
+  with caplog.at_level(logging.DEBUG, logger="distill_jax.checkpoint.manager"):
     sys.unraisablehook(abandoned)
     sys.unraisablehook(closed_loop)
   sys.unraisablehook(other)

@@ -23,7 +23,7 @@ def worker(coordinator: str, process_id: int, run_dir: str) -> None:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=NUM_PROCESSES,
                              process_id=process_id)
-  from distill_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+  from distill_jax.checkpoint import manager as ckpt  # pylint: disable=g-import-not-at-top
   import chex  # pylint: disable=g-import-not-at-top
   from test_checkpoint import make_state, plain  # pylint: disable=g-import-not-at-top
 
@@ -58,7 +58,7 @@ def test_two_processes_save_once_and_agree_on_stop(tmp_path):
       "ocdbt.process_0", "ocdbt.process_1"]
 
   import jax  # pylint: disable=g-import-not-at-top
-  from distill_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+  from distill_jax.checkpoint import manager as ckpt  # pylint: disable=g-import-not-at-top
   from test_checkpoint import assert_same_state, make_state  # pylint: disable=g-import-not-at-top
   state = make_state(jax.make_mesh((jax.device_count(),), ("fsdp",)))
   with ckpt.Checkpointer(tmp_path, save_every=1) as checkpointer:

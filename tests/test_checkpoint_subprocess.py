@@ -52,7 +52,7 @@ def _next(state):
 def _worker(mode: str, run_dir: Path) -> None:
   """Runs in a fresh process whose device count was set through XLA_FLAGS."""
   import jax  # pylint: disable=g-import-not-at-top
-  from distill_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+  from distill_jax.checkpoint import manager as ckpt  # pylint: disable=g-import-not-at-top
   from test_checkpoint import make_state  # pylint: disable=g-import-not-at-top
   mesh = jax.make_mesh((jax.device_count(),), ("fsdp",))
   template = make_state(mesh, seed=99)  # other values: only shapes and shardings count
@@ -111,7 +111,7 @@ def _run_worker(mode: str, run_dir: Path, devices: int) -> None:
 @pytest.mark.slow
 def test_resharded_restore_8_to_4_to_1(tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
-  from distill_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+  from distill_jax.checkpoint import manager as ckpt  # pylint: disable=g-import-not-at-top
   from test_checkpoint import make_state  # pylint: disable=g-import-not-at-top
   assert jax.device_count() == 8
   state = make_state(jax.make_mesh((8,), ("fsdp",)))
@@ -147,7 +147,7 @@ def test_sigkill_mid_save_never_becomes_latest(tmp_path):
   assert leftovers, f"expected an unfinished step 2 in {sorted(os.listdir(directory))}"
 
   import jax  # pylint: disable=g-import-not-at-top
-  from distill_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+  from distill_jax.checkpoint import manager as ckpt  # pylint: disable=g-import-not-at-top
   from test_checkpoint import assert_same_state, make_state  # pylint: disable=g-import-not-at-top
   state = make_state(jax.make_mesh((8,), ("fsdp",)))
   with ckpt.Checkpointer(tmp_path, save_every=1) as checkpointer:

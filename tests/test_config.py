@@ -15,8 +15,8 @@ import types
 import pytest
 import yaml
 
-from distill_jax import config as config_lib
-from distill_jax.config import ConfigError, config_from_dict, load_config
+from distill_jax.config import root as config_lib
+from distill_jax.config.root import ConfigError, config_from_dict, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
@@ -65,8 +65,8 @@ def test_default_is_package_data_and_the_repository_copy_is_the_same_file():
 
 
 def test_distill_jax_train_without_a_config_runs_the_packaged_default(monkeypatch):
-  import distill_jax
   from distill_jax import cli
+  from distill_jax.commands import train as train_command
 
   seen = []
 
@@ -74,9 +74,7 @@ def test_distill_jax_train_without_a_config_runs_the_packaged_default(monkeypatc
     seen.append(cfg)
     return types.SimpleNamespace(run_dir="runs/x")
 
-  stub = types.SimpleNamespace(train=train)  # no model loads: the CLI hands its config over
-  monkeypatch.setitem(sys.modules, "distill_jax.trainer", stub)
-  monkeypatch.setattr(distill_jax, "trainer", stub, raising=False)
+  monkeypatch.setattr(train_command, "train", train)  # no model loads: the CLI hands its config over
   assert cli.main(["train"]) == 0
   assert cli.main(["train", "train.steps=7"]) == 0
   assert seen[0] == load_config(str(_packaged_default()))
@@ -96,7 +94,7 @@ def test_embedded_default_is_the_offline_minilm_run():
 
 
 def test_config_module_import_is_cheap():
-  code = "import sys, distill_jax.config; print('jax' in sys.modules)"
+  code = "import sys, distill_jax.config.root; print('jax' in sys.modules)"
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "False"
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import tiny
-from distill_jax import data
+from distill_jax.data import pipeline as data
 
 
 @pytest.fixture(scope="module")

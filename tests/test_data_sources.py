@@ -7,7 +7,7 @@ import json
 import datasets
 import pytest
 
-from distill_jax import data
+from distill_jax.data import pipeline as data
 
 ROWS = [{"text": "the first example", "label": "pos", "pair": "one"},
         {"text": "a second one", "label": "neg", "pair": "two"},

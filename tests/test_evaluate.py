@@ -1,4 +1,4 @@
-"""Tests for distill_jax.evaluate against independent NumPy/SciPy references."""
+"""Tests for distill_jax.evaluation.metrics against independent NumPy/SciPy references."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 import scipy.special
 import scipy.stats
 
-# `distill_jax.evaluate` the attribute is the function; the module comes from importlib.
-ev = importlib.import_module("distill_jax.evaluate")
-eff = importlib.import_module("distill_jax.efficiency")
+# `distill_jax.evaluation.metrics` the attribute is the function; the module comes from importlib.
+ev = importlib.import_module("distill_jax.evaluation.metrics")
+eff = importlib.import_module("distill_jax.evaluation.efficiency")
 LM_TASKS = importlib.import_module("distill_jax.models.outputs").LM_TASKS
 
 

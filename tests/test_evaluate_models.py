@@ -10,8 +10,8 @@ import pytest
 import distill_jax as dj
 import tiny
 
-ev = importlib.import_module("distill_jax.evaluate")
-eff = importlib.import_module("distill_jax.efficiency")
+ev = importlib.import_module("distill_jax.evaluation.metrics")
+eff = importlib.import_module("distill_jax.evaluation.efficiency")
 
 
 def _batch(task, rng, batch_size=4, seq_len=8):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from distill_jax import config as config_lib
-from distill_jax import faults
+from distill_jax.config import root as config_lib
+from distill_jax.training import faults
 
 
 def test_faults_from_env(monkeypatch):

@@ -25,15 +25,15 @@ def _flat(tree):
 
 
 def worker(coordinator: str, process_id: int, checkpoint: str, out: str) -> None:
-  from distill_jax import distributed
+  from distill_jax.training import distributed
 
   distributed.initialize(coordinator, NUM_PROCESSES, process_id)
   import jax
   from jax.experimental import multihost_utils
 
   import distill_jax as dj
-  from distill_jax import sharding as sharding_lib
-  from distill_jax import step as step_lib
+  from distill_jax.training import sharding as sharding_lib
+  from distill_jax.training import step as step_lib
   from test_step import make_batch, problem
 
   assert jax.process_count() == NUM_PROCESSES and jax.device_count() == NUM_PROCESSES * LOCAL_DEVICES

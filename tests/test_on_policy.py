@@ -14,11 +14,11 @@ import pytest
 
 import distill_jax as dj
 import tiny
-from distill_jax import config as config_lib
-from distill_jax import objective as objective_lib
-from distill_jax import on_policy as on_policy_lib
-from distill_jax import state as state_lib
-from distill_jax import step as step_lib
+from distill_jax.config import root as config_lib
+from distill_jax.objective import objective as objective_lib
+from distill_jax.training import on_policy as on_policy_lib
+from distill_jax.training import state as state_lib
+from distill_jax.training import step as step_lib
 from distill_jax.models import generate
 from test_reliability import (assert_same_params, checkpoint_state, env, finish, jax_cache,  # noqa: F401
                               last_train_step, loss_history, ok, rows, run_cli, start_cli, wait_for, with_faults)

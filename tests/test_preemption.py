@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from distill_jax import preemption
+from distill_jax.checkpoint import preemption
 
 HERE = Path(__file__).resolve().parent
 
@@ -80,7 +80,7 @@ def test_any_process_single_process():
 
 
 def test_should_stop_reads_guard(tmp_path):
-  from distill_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+  from distill_jax.checkpoint import manager as ckpt  # pylint: disable=g-import-not-at-top
   with preemption.PreemptionGuard() as guard:
     with ckpt.Checkpointer(tmp_path, save_every=10, guard=guard) as checkpointer:
       assert not checkpointer.should_stop(1)
@@ -92,7 +92,7 @@ def test_should_stop_reads_guard(tmp_path):
 def _worker(run_dir: Path) -> int:
   """A miniature training loop: SIGTERM → finish the step, save, exit 0."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from distill_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+  from distill_jax.checkpoint import manager as ckpt  # pylint: disable=g-import-not-at-top
   state = {"w": jnp.zeros((4,)), "step": jnp.asarray(0)}
   with preemption.PreemptionGuard() as guard, \
       ckpt.Checkpointer(run_dir, save_every=1000, guard=guard) as checkpointer:

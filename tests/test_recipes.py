@@ -18,9 +18,9 @@ import os
 import pytest
 
 import tiny
-from distill_jax import run_dir as run_dir_lib
-from distill_jax import trainer
-from distill_jax.config import load_config
+from distill_jax.training import run_dir as run_dir_lib
+from distill_jax.training import loop as trainer
+from distill_jax.config.root import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, "configs")
@@ -137,7 +137,7 @@ def _check_run(cfg, result, *, family=None):
 
 
 def _term_names(cfg):
-  from distill_jax import objective
+  from distill_jax.objective import objective
 
   terms = cfg.objective_terms()
   validated = objective.validate_terms(terms)
@@ -176,7 +176,7 @@ def test_every_config_has_a_run_test():
 
 
 def test_best_checkpoint_metric_must_be_logged():
-  from distill_jax.config import ConfigError
+  from distill_jax.config.root import ConfigError
 
   path = os.path.join(CONFIG_DIR, "bert_to_distilbert_cls.yaml")
   assert load_config(path).checkpoint.best_metric == "eval/loss"

@@ -67,8 +67,8 @@ def train_args(teacher: os.PathLike | str, run_dir: os.PathLike | str, *extra: s
 
 
 def with_faults(env: dict[str, str], **faults) -> dict[str, str]:
-  """`env` with test-only faults (`distill_jax.faults`: nonfinite_step, nonfinite_count, step_delay)."""
-  from distill_jax import faults as faults_lib
+  """`env` with test-only faults (`distill_jax.training.faults`: nonfinite_step, nonfinite_count, step_delay)."""
+  from distill_jax.training import faults as faults_lib
 
   return dict(env, **{faults_lib.ENV: json.dumps(faults)})
 

@@ -136,7 +136,7 @@ def test_a_changed_model_shape_refuses_to_resume_an_existing_run(tmp_path, input
 
   run_dir = tmp_path / "run"
   run_dir.mkdir()
-  from distill_jax import config as config_lib
+  from distill_jax.config import root as config_lib
 
   config_lib.dump_yaml(config_lib.load_config(None, _base(inputs["teacher"], run_dir)[1:]), str(run_dir / "config.yaml"))
   before = _snapshot(run_dir)

@@ -1,4 +1,4 @@
-"""Tests for distill_jax.report: the tables, the files and the curves."""
+"""Tests for distill_jax.evaluation.report: the tables, the files and the curves."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from distill_jax import report as rp
+from distill_jax.evaluation import report as rp
 
 BEFORE = {"accuracy": 0.5, "macro_f1": 0.4, "top1_agreement": 0.6,
           "kl_teacher_student": 0.9, "teacher_accuracy": 0.9, "teacher_macro_f1": 0.88,

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from distill_jax import sharding as sharding_lib
-from distill_jax import state as state_lib
+from distill_jax.training import sharding as sharding_lib
+from distill_jax.training import state as state_lib
 
 
 @pytest.mark.parametrize("shape, fsdp, min_size, spec", [

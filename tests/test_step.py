@@ -12,10 +12,10 @@ import pytest
 
 import distill_jax as dj
 import tiny
-from distill_jax import objective as objective_lib
-from distill_jax import sharding as sharding_lib
-from distill_jax import state as state_lib
-from distill_jax import step as step_lib
+from distill_jax.objective import objective as objective_lib
+from distill_jax.training import sharding as sharding_lib
+from distill_jax.training import state as state_lib
+from distill_jax.training import step as step_lib
 
 MIXED_TERMS = (
     {"loss": "forward_kl", "temperature": 2.0},
@@ -222,7 +222,7 @@ def test_nonfinite_update_is_skipped(pair):
 
 def test_batch_transform_runs_inside_step_deterministically(pair):
   teacher, student = pair
-  from distill_jax import data
+  from distill_jax.data import pipeline as data
 
   tok = teacher.tokenizer
   terms = ({"loss": "cross_entropy", "positions": "labels"}, {"loss": "forward_kl"})

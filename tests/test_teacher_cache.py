@@ -12,9 +12,13 @@ import numpy as np
 import pytest
 
 import tiny
-from distill_jax import cache_codec
-from distill_jax import config as config_lib
-from distill_jax import run_report, run_setup, teacher_cache, trainer
+from distill_jax.commands import cache_teacher
+from distill_jax.data import cache_codec
+from distill_jax.config import root as config_lib
+from distill_jax.training import run_report
+from distill_jax.training import run_setup
+from distill_jax.data import teacher_cache
+from distill_jax.training import loop as trainer
 from distill_jax.errors import UserError
 
 
@@ -54,7 +58,7 @@ def _shards(cache_dir):
 def cache8(setup):
   """A complete cache with 8-bit values (the equality test's precision)."""
   out = setup["root"] / "cache8"
-  teacher_cache.write_cache(_config(setup, out, "cache.value_bits=8"))
+  cache_teacher.write_cache(_config(setup, out, "cache.value_bits=8"))
   return out
 
 
@@ -102,16 +106,16 @@ def test_a_cache_of_other_data_or_tokenizer_is_refused_before_any_model_loads(se
 
 def test_a_finished_cache_is_kept_and_another_setting_on_it_refused(setup, cache8):
   before = {k: (p.stat().st_mtime_ns, p.stat().st_ino) for k, p in _shards(cache8).items()}
-  out, manifest = teacher_cache.write_cache(_config(setup, cache8, "cache.value_bits=8"))
+  out, manifest = cache_teacher.write_cache(_config(setup, cache8, "cache.value_bits=8"))
   assert manifest["top_k"] == 16
   with pytest.raises(UserError, match="holds a cache of another format"):
-    teacher_cache.write_cache(_config(setup, cache8, "cache.value_bits=8", "cache.top_k=8"))
+    cache_teacher.write_cache(_config(setup, cache8, "cache.value_bits=8", "cache.top_k=8"))
   assert {k: (p.stat().st_mtime_ns, p.stat().st_ino) for k, p in _shards(cache8).items()} == before
   stray = setup["root"] / "not_a_cache"
   stray.mkdir()
   (stray / "notes.txt").write_text("mine")
   with pytest.raises(UserError, match="non-empty directory that is not a teacher cache"):
-    teacher_cache.write_cache(_config(setup, stray))
+    cache_teacher.write_cache(_config(setup, stray))
   assert [p.name for p in stray.iterdir()] == ["notes.txt"]
 
 
@@ -122,7 +126,7 @@ def test_sparse_terms_only_against_a_cache(setup, cache8):
   with pytest.raises(config_lib.ConfigError, match="student.init must be 'path'"):
     _config(setup, cache8, "student.init=from_teacher", "student.path=null")
   with pytest.raises(UserError, match=r"cache\.top_k: 100000 must be <= the teacher's \d+ tokens"):
-    teacher_cache.write_cache(_config(setup, setup["root"] / "too_many", "cache.top_k=100000"))
+    cache_teacher.write_cache(_config(setup, setup["root"] / "too_many", "cache.top_k=100000"))
   assert not (setup["root"] / "too_many").exists()
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distill_jax import config as config_lib
-from distill_jax import teacher_completions
+from distill_jax.config import root as config_lib
+from distill_jax.commands import generate as teacher_completions
 
 
 def test_prompts_keep_their_first_tokens_left_padded():

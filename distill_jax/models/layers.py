@@ -2,7 +2,7 @@
 
 Everything here is written once for every family; the families choose with flags
 (`RMSNorm(offset=True)` for Gemma's ``1 + w``, a softcap for Gemma 2, ...).  Params carry
-logical axis names (`LOGICAL_AXES`) that `distill_jax.sharding` maps onto the mesh.
+logical axis names (`LOGICAL_AXES`) that `distill_jax.training.sharding` maps onto the mesh.
 """
 
 from __future__ import annotations

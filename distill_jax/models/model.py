@@ -288,7 +288,7 @@ def logical_axes(model: Model) -> dict[tuple[str, ...], tuple[Optional[str], ...
   """Param path -> logical axis names (e.g. ``("layers", "embed", "mlp")``) of `model`'s params.
 
   Read from the module's own annotations (`layers.dense` and the embeddings name their
-  axes); `distill_jax.sharding.LOGICAL_RULES` maps the names onto the mesh.
+  axes); `distill_jax.training.sharding.LOGICAL_RULES` maps the names onto the mesh.
   """
   ids = jnp.ones((1, 8), jnp.int32)
   boxed = jax.eval_shape(model.module.init, jax.random.key(0), ids, jnp.ones_like(ids))["params"]

@@ -16,8 +16,8 @@ from typing import Any, Mapping, Optional
 import jax
 import numpy as np
 
-from distill_jax import config as config_lib
-from distill_jax.distributed import is_main_process
+from distill_jax.config import root as config_lib
+from distill_jax.training.distributed import is_main_process
 
 
 METRICS_FILE = "metrics.jsonl"

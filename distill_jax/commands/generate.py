@@ -19,7 +19,10 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from distill_jax import config as config_lib
+from distill_jax.config import root as config_lib
+from distill_jax.data import pipeline as data
+from distill_jax.training import run_setup
+from distill_jax.models import generate
 
 
 def left_padded(prompts: Sequence[Sequence[int]], prompt_length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -63,9 +66,6 @@ def write_completions(cfg: config_lib.Config) -> tuple[str, int]:
   Raises:
     ValueError: one line naming the field (teacher path, task, prompt column, empty source).
   """
-  from distill_jax import data, run_setup
-  from distill_jax.models import generate
-
   g = cfg.generate
   main = run_setup.main_teacher(cfg)
   tc = cfg.teachers[main]
@@ -102,3 +102,9 @@ def write_completions(cfg: config_lib.Config) -> tuple[str, int]:
         lines += 1
   os.replace(tmp, out)
   return str(out), lines
+
+
+def main(cfg: config_lib.Config) -> int:
+  out, lines = write_completions(cfg)
+  print(f"wrote {lines} teacher completions to {out}")
+  return 0

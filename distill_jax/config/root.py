@@ -1,14 +1,14 @@
 """The run configuration: one pydantic schema; YAML files and dotted overrides through OmegaConf.
 
 The frozen pydantic dataclasses *are* the schema (the root :class:`Config` here, its sections
-in :mod:`distill_jax.config_sections` and :mod:`distill_jax.config_objective`, the one-line
-error machinery in :mod:`distill_jax.config_schema`, all re-exported here); a YAML file (``configs/``; the default
+in :mod:`distill_jax.config.sections` and :mod:`distill_jax.objective.terms`, the one-line
+error machinery in :mod:`distill_jax.schema`, all re-exported here); a YAML file (``configs/``; the default
 is package data, ``distill_jax/configs/default.yaml``) is an instance, and ``key.sub=value``
 strings override fields: ``load_config("configs/minilm.yaml", ["objective.terms[0].temperature=4"])``.
 Pydantic checks every value (field constraints; validators for cross-field rules) and each
 problem is one :class:`ConfigError` line naming the dotted field, e.g.
 ``config: objective.terms[1].temperature: Input should be greater than 0, got -1.0``.
-:class:`TermConfig` is also ``distill_jax.objective.Term``, whose registry ``LOSSES`` says which
+:class:`TermConfig` is also ``distill_jax.objective.objective.Term``, whose registry ``LOSSES`` says which
 options each loss takes. Importing this module imports no jax (checking loss names does).
 """
 
@@ -26,10 +26,10 @@ from omegaconf.errors import ConfigIndexError, OmegaConfBaseException
 from pydantic import ValidationError, model_validator
 from pydantic_core import ArgsKwargs
 
-from distill_jax.config_objective import ObjectiveConfig, OnPolicyConfig, ScheduleConfig, TermConfig, losses_registry
-from distill_jax.config_schema import (PKG_PREFIX, SELF_TEACHER, ConfigError, Section, adapter, describe, error_line,
+from distill_jax.objective.terms import ObjectiveConfig, OnPolicyConfig, ScheduleConfig, TermConfig, losses_registry
+from distill_jax.schema import (PKG_PREFIX, SELF_TEACHER, ConfigError, Section, adapter, describe, error_line,
                                        fail, field_of, invalid, section)
-from distill_jax.config_sections import (CacheConfig, CheckpointConfig, DataConfig, DistributedConfig, EvalConfig, ExportConfig,
+from distill_jax.config.sections import (CacheConfig, CheckpointConfig, DataConfig, DistributedConfig, EvalConfig, ExportConfig,
                                          GenerateConfig, LoggingConfig, MeshConfig, OptimizerConfig, StudentConfig,
                                          TeacherConfig, TrainConfig)
 from distill_jax.errors import first_line
@@ -135,7 +135,7 @@ class Config(Section):
 
   def resolved_terms(self) -> tuple[TermConfig, ...]:
     """The terms with every default filled in (see :meth:`ObjectiveConfig.resolve`), as
-    ``distill_jax.objective.build_objective`` takes them."""
+    ``distill_jax.objective.objective.build_objective`` takes them."""
     return self.objective.resolve(list(self.teachers), self.train.steps)
 
   def objective_terms(self) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax.evaluate import apply_kwargs, outputs_for_task
+from distill_jax.evaluation.metrics import apply_kwargs, outputs_for_task
 
 
 def count_params(params: Any) -> int:

@@ -2,8 +2,8 @@
 
 :func:`build_report` joins the metrics of the undistilled student (its initialization),
 the distilled student and the teacher (``teacher_*`` entries of the same dicts, from
-:func:`distill_jax.evaluate.evaluate`) with the efficiency measurements of
-:func:`distill_jax.efficiency.measure_efficiency`.  :func:`write_report` writes
+:func:`distill_jax.evaluation.metrics.evaluate`) with the efficiency measurements of
+:func:`distill_jax.evaluation.efficiency.measure_efficiency`.  :func:`write_report` writes
 ``report.json``, ``report.md`` and ``curves.png`` into the run directory;
 :func:`format_table` is the terminal version.
 """
@@ -68,7 +68,7 @@ def build_report(before: Mapping[str, float], after: Mapping[str, float],
   """Joins before/after metrics and efficiency into one JSON-ready dict.
 
   Args:
-    before: :func:`~distill_jax.evaluate.evaluate` of the undistilled student.
+    before: :func:`~distill_jax.evaluation.metrics.evaluate` of the undistilled student.
     after: the same for the distilled student (its ``teacher_*`` entries fill the
       teacher column).
     efficiency: ``{"{teacher,student}_params", "{teacher,student}_disk_bytes",

@@ -11,10 +11,15 @@ from typing import Any, Iterator, Optional, Sequence
 
 import jax
 
-from distill_jax import config as config_lib
-from distill_jax.run_dir import BEFORE_FILE
-from distill_jax.run_log import echo, scalar
-from distill_jax.run_setup import Run, place_batch, state_step
+from distill_jax.config import root as config_lib
+from distill_jax.training.run_dir import BEFORE_FILE
+from distill_jax.training.run_log import echo, scalar
+from distill_jax.training.run_setup import Run, place_batch, state_step
+from distill_jax.data import pipeline as data
+from distill_jax.evaluation import metrics as evaluate_lib
+from distill_jax.checkpoint import manager as checkpoint
+from distill_jax.evaluation import efficiency as efficiency_lib
+from distill_jax.evaluation import report as report_lib
 
 
 def eval_loss(run: Run, state: Any, max_batches: int) -> dict[str, float]:
@@ -24,8 +29,6 @@ def eval_loss(run: Run, state: Any, max_batches: int) -> dict[str, float]:
   formed from them once (`Objective.loss_from_sums`), so batches of different lengths
   weigh by their tokens, exactly as one big batch would.
   """
-  from distill_jax import data
-
   it = data.eval_batches(run.eval_examples, global_batch_size=_eval_batch_size(run.config),
                          extras=run.batch_extras("validation"))
   per_batch = []
@@ -61,8 +64,6 @@ def _eval_batch_size(cfg: config_lib.Config) -> int:
 
 def _agreement_batches(run: Run) -> Iterator[dict]:
   """Validation batches for teacher agreement; MLM batches masked with a fixed key."""
-  from distill_jax import data
-
   it = data.eval_batches(run.eval_examples, global_batch_size=_eval_batch_size(run.config), process_index=0,
                          process_count=1, extras=run.batch_extras("validation"))
   key = jax.random.PRNGKey(run.config.train.seed + 12345)
@@ -73,8 +74,6 @@ def _agreement_batches(run: Run) -> Iterator[dict]:
 
 
 def _agreement(run: Run, student_params: Any) -> dict[str, float]:
-  from distill_jax import evaluate as evaluate_lib
-
   teacher = run.main_model
   t_params = getattr(teacher, "params", {})  # a teacher cache has none: it reads the batch
   max_batches = run.config.train.eval_batches or None
@@ -101,8 +100,6 @@ def undistilled_eval(run: Run, run_dir: pathlib.Path) -> dict[str, float]:
 
 
 def export(run: Run, params: Any, run_dir: pathlib.Path) -> str:
-  from distill_jax import checkpoint
-
   out = run.config.export.dir or str(run_dir / "student")
   overwrite = run.config.export.overwrite or os.path.abspath(out) == os.path.abspath(run_dir / "student")
   checkpoint.export_student(run.student, jax.device_get(params), out, overwrite=overwrite)
@@ -112,8 +109,6 @@ def export(run: Run, params: Any, run_dir: pathlib.Path) -> str:
 
 def final_report(run: Run, params: Any, run_dir: pathlib.Path, before: Optional[dict], history: Sequence[dict],
                   export_dir: Optional[str]) -> dict:
-  from distill_jax import efficiency as efficiency_lib, report as report_lib
-
   after = _agreement(run, params)
   before = before if before is not None else _agreement(run, run.initial_student_params)
   teacher = run.teachers.get(run.main_teacher)  # None when read from its cache: not timed

@@ -23,8 +23,8 @@ step that ``latest_step()`` returns; temporary leftovers are removed when the
 next ``Checkpointer`` is created. Orbax does not detect flipped bytes inside an
 array file (it restores wrong values silently), so every save also stores a
 fingerprint of each leaf, checked after restore
-(:mod:`distill_jax.checkpoint_integrity`). Export of the student lives in
-:mod:`distill_jax.export` and is re-exported here.
+(:mod:`distill_jax.checkpoint.integrity`). Export of the student lives in
+:mod:`distill_jax.checkpoint.export` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.checkpoint_managers import preservation_policy as ocp_policy
 
-from distill_jax import preemption
-from distill_jax.checkpoint_integrity import (integrity_mismatch, integrity_record,
+from distill_jax.checkpoint import preemption
+from distill_jax.checkpoint.integrity import (integrity_mismatch, integrity_record,
                                               structure_mismatch)
 from distill_jax.errors import first_line
-from distill_jax.export import export_student
+from distill_jax.checkpoint.export import export_student
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class Checkpointer:
     best_metric: the key of the ``metrics`` mapping that ranks steps.
     best_mode: ``"min"`` or ``"max"``: which end of ``best_metric`` is best.
     async_save: write arrays in a background thread; ``wait()`` blocks until done.
-    guard: a :class:`~distill_jax.preemption.PreemptionGuard` whose flag
+    guard: a :class:`~distill_jax.checkpoint.preemption.PreemptionGuard` whose flag
       ``should_stop`` reads when it is not told ``requested`` explicitly.
 
   Raises:

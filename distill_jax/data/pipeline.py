@@ -2,7 +2,7 @@
 
 Three stages, each a plain function with explicit arguments:
 
-1. :func:`load_texts` (from :mod:`distill_jax.data_sources`): a ``datasets.Dataset`` split.
+1. :func:`load_texts` (from :mod:`distill_jax.data.sources`): a ``datasets.Dataset`` split.
 2. :func:`tokenize`: the teacher's tokenizer through ``datasets.map(batched=True)`` (cached
    under ``cache_dir``), then in-memory :class:`Examples` (flat token arrays + offsets):
 
@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax.data_sources import PYDOC, check_columns, load_texts, pydoc_corpus
+from distill_jax.data.sources import PYDOC, check_columns, load_texts, pydoc_corpus
 from distill_jax.models import TASKS
 
 __all__ = ["TASKS", "Examples", "tokenize", "train_batches", "eval_batches", "steps_per_epoch",

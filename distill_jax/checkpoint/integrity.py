@@ -5,7 +5,7 @@ values silently), so every save stores :func:`integrity_record` of the state and
 every restore compares it with :func:`integrity_mismatch`. Before restoring,
 :func:`structure_mismatch` compares the saved leaf paths and shapes with the
 state to restore into. Both return a one-line reason (or None) and raise
-nothing; :mod:`distill_jax.checkpoint` turns a reason into its error.
+nothing; :mod:`distill_jax.checkpoint.manager` turns a reason into its error.
 """
 
 from __future__ import annotations

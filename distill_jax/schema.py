@@ -3,8 +3,8 @@
 :func:`section` turns a class into a frozen pydantic dataclass (``extra="forbid"``, no
 inf/NaN) whose construction raises a :class:`ConfigError` naming the dotted field;
 :class:`Section` names the allowed keys of an unknown one. The sections themselves live in
-:mod:`distill_jax.config_sections` and :mod:`distill_jax.config_objective`, the root and
-the YAML/override loading in :mod:`distill_jax.config`.
+:mod:`distill_jax.config.sections` and :mod:`distill_jax.objective.terms`, the root and
+the YAML/override loading in :mod:`distill_jax.config.root`.
 """
 
 from __future__ import annotations

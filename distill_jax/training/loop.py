@@ -17,26 +17,29 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import pathlib
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from distill_jax import config as config_lib
-from distill_jax import faults as faults_lib
-from distill_jax.distributed import is_main_process
+from distill_jax.config import root as config_lib
+from distill_jax.training import faults as faults_lib
+from distill_jax.training.distributed import is_main_process
 from distill_jax.errors import first_line
-from distill_jax.run_dir import (CONFIG_FILE, RunResult, checkpointer, finished_run, prepare_run_dir,
+from distill_jax.training.run_dir import (CONFIG_FILE, RunResult, checkpointer, finished_run, prepare_run_dir,
                                   set_aside_later_steps)
-from distill_jax.run_log import METRICS_FILE, Logger, StepMonitor, TrainingError, batch_tokens, echo, progress
-from distill_jax.run_report import eval_loss, eval_on_bar, export, final_report, undistilled_eval
-from distill_jax.run_setup import (Run, abstract_state, build_run, device_state, host_state, place_batch, state_step,
+from distill_jax.training.run_log import Logger, StepMonitor, TrainingError, batch_tokens, echo, progress
+from distill_jax.training.run_report import eval_loss, eval_on_bar, export, final_report, undistilled_eval
+from distill_jax.training.run_setup import (abstract_state, build_run, device_state, host_state, place_batch, state_step,
                                    student_params)
+from distill_jax.data import pipeline as data
+from distill_jax.training import distributed
+from distill_jax.checkpoint import preemption
 
-__all__ = ["CONFIG_FILE", "RunResult", "TrainingError", "evaluate_run", "export_run", "train"]
+__all__ = ["CONFIG_FILE", "RunResult", "TrainingError", "train"]
+
 
 def train(cfg: config_lib.Config) -> RunResult:
   """Runs (or resumes) the distillation described by ``cfg``.
@@ -51,8 +54,6 @@ def train(cfg: config_lib.Config) -> RunResult:
     ValueError: one line naming the config field, before any compilation.
     TrainingError: when the loss stays non-finite for ``train.max_nonfinite_steps`` steps.
   """
-  from distill_jax import data, distributed, preemption
-
   distributed.initialize_from(cfg.distributed)
   run_dir = prepare_run_dir(cfg)
   finished = finished_run(cfg, run_dir)
@@ -184,51 +185,3 @@ def _lost_peer(ckpt: Any, message: str) -> None:
   print(f"distill-jax: error: {message}; the last checkpoint is step {last} in {ckpt.directory}: restart every "
         f"process with the same command to resume", file=sys.stderr, flush=True)
   os._exit(3)  # pylint: disable=protected-access
-
-
-def _load_saved_run(run_dir: str, overrides: Sequence[str] = ()) -> tuple[config_lib.Config, pathlib.Path]:
-  path = pathlib.Path(run_dir)
-  cfg_path = path / CONFIG_FILE
-  if not cfg_path.exists():
-    raise ValueError(f"run_dir: {run_dir} holds no {CONFIG_FILE} (not a distill-jax run directory)")
-  cfg = config_lib.load_config(str(cfg_path), [*overrides, f"train.run_dir={path}"])
-  return cfg, path
-
-
-def _restore_latest(cfg: config_lib.Config, run_dir: pathlib.Path, step: Optional[int] = None) -> tuple[Run, Any, int]:
-  run = build_run(cfg)
-  ckpt = checkpointer(cfg, run_dir)
-  try:
-    if ckpt.latest_step() is None:
-      raise ValueError(f"run_dir: {run_dir} has no finished checkpoint")
-    restored, _, _, at = ckpt.restore(abstract_state(run), step=step, fallback=cfg.checkpoint.fallback)
-  finally:
-    ckpt.close()
-  return run, device_state(run, restored), at
-
-
-def evaluate_run(run_dir: str, overrides: Sequence[str] = ()) -> dict:
-  """Re-evaluates the latest checkpoint of a run and rewrites its report."""
-  cfg, path = _load_saved_run(run_dir, overrides)
-  run, state, at = _restore_latest(cfg, path)
-  echo(f"evaluating the checkpoint of step {at}")
-  before = undistilled_eval(run, path) if cfg.eval.before_and_after else None
-  from distill_jax import report as report_lib
-
-  export_dir = cfg.export.dir or str(path / "student")
-  history = report_lib.read_history(str(path / METRICS_FILE))
-  return final_report(run, student_params(run, state), path, before, history,
-                       export_dir if os.path.isdir(export_dir) else None)
-
-
-def export_run(run_dir: str, out_dir: str, *, overwrite: bool = False, step: Optional[int] = None) -> str:
-  """Exports the student of a run's checkpoint as a Hugging Face checkpoint."""
-  from distill_jax import checkpoint
-
-  cfg, path = _load_saved_run(run_dir)
-  if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-    raise ValueError(f"out_dir: {out_dir} is not empty (pass --overwrite to replace it)")
-  run, state, _ = _restore_latest(cfg, path, step)
-  params = jax.device_get(student_params(run, state))
-  checkpoint.export_student(run.student, params, out_dir, overwrite=overwrite)
-  return out_dir

@@ -1,7 +1,7 @@
 """The objective's sections: loss terms, their schedules, on-policy distillation.
 
-:class:`TermConfig` is the one term schema (``distill_jax.objective.Term``); which options a
-loss takes comes from the registry ``distill_jax.objective.LOSSES`` (imported lazily, so
+:class:`TermConfig` is the one term schema (``distill_jax.objective.objective.Term``); which options a
+loss takes comes from the registry ``distill_jax.objective.objective.LOSSES`` (imported lazily, so
 that reading a config imports no jax).
 """
 
@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Mapping, Optional, Sequence, Union
 
 from pydantic import BeforeValidator, Field, StrictFloat, model_validator
 
-from distill_jax.config_schema import (RESERVED_METRICS, Bool, Float, NonNegFloat, NonNegInt, PosFloat, PosInt,
+from distill_jax.schema import (RESERVED_METRICS, Bool, Float, NonNegFloat, NonNegInt, PosFloat, PosInt,
                                        Section, Unit, UnitOpen, describe, fail, invalid, section)
 
 @section("objective.terms[<i>].<schedule>")
@@ -79,12 +79,12 @@ _TERM_DEFAULTS = {"layers": "last", "projection": "none", "temperature": 1.0, "p
 
 def losses_registry() -> Mapping[str, Any]:
   """The loss registry: name -> spec with ``options`` (the term fields it takes), ``multi_teacher``."""
-  return importlib.import_module("distill_jax.objective").LOSSES
+  return importlib.import_module("distill_jax.objective.objective").LOSSES
 
 
 @section("objective.terms[<i>]")
 class TermConfig(Section):
-  """One weighted loss term (`objective.terms[i]`; ``distill_jax.objective.Term``).
+  """One weighted loss term (`objective.terms[i]`; ``distill_jax.objective.objective.Term``).
 
   A loss takes only its own options (``objective.LOSSES[loss].options``): setting e.g.
   ``beta`` on ``hidden_mse`` is an error. Unset (null) options take the default in brackets.
@@ -159,7 +159,7 @@ class OnPolicyConfig(Section):
   """On-policy distillation (`objective.on_policy`, GKD, Agarwal et al. 2024; causal LM):
   with probability `lmbda` per step the student continues the first `prompt_length` tokens
   of each row by `max_new_tokens` sampled tokens and the logit terms score those tokens only
-  (``distill_jax.on_policy``)."""
+  (``distill_jax.training.on_policy``)."""
 
   lmbda: Unit = 0.5  # probability of an on-policy step (0: supervised only, 1: always)
   prompt_length: PosInt = 32  # tokens of each row that prompt the student (<= data.max_length)

@@ -1,6 +1,6 @@
 """The distillation objective: a weighted sum of loss terms.
 
-A term is a :class:`Term` (``distill_jax.config.TermConfig``, the one term schema of the
+A term is a :class:`Term` (``distill_jax.config.root.TermConfig``, the one term schema of the
 config and the objective) or a mapping of its fields, such as ``{"loss": "forward_kl",
 "weight": 0.5, "temperature": 2.0}`` or ``{"loss": "hidden_mse", "layers": "uniform",
 "projection": "linear", "teacher": "big"}``; a loss takes only the fields of its
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from distill_jax import config as config_lib
+from distill_jax.config import root as config_lib
 from distill_jax import losses
 
 LOGIT_FAMILY, FEATURE_FAMILY, RELATION_FAMILY, LABEL_FAMILY = "logits", "features", "relations", "labels"
@@ -434,7 +434,8 @@ class Objective:
   def _sparse_teacher(self, b: _Bound, t_outs, batch) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The term's teacher as ``(ids, logprobs, log_tail)``: decoded from the batch's cache rows,
     or the exact top-k of the live teacher's logits."""
-    from distill_jax import cache_codec, teacher_cache
+    from distill_jax.data import cache_codec
+    from distill_jax.data import teacher_cache
 
     name = b.term.teachers[0]
     if name in self.cached:

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BeforeValidator, Field, StrictFloat, model_validator
 
-from distill_jax.config_schema import (SELF_TEACHER, Bool, DType, Fraction, Int, NonNegFloat, NonNegInt, PosFloat,
+from distill_jax.schema import (SELF_TEACHER, Bool, DType, Fraction, Int, NonNegFloat, NonNegInt, PosFloat,
                                        PosInt, Section, Task, Unit, UnitOpen, field_of, invalid, section)
 
 # ----------------------------------------------------------------------------------------
@@ -157,7 +157,7 @@ class GenerateConfig(Section):
 class CacheConfig(Section):
   """The offline teacher cache (`cache`, ``distill-jax cache-teacher``): per token of the
   training and validation rows, the teacher's `top_k` ids and log-probabilities and the log of
-  the tail mass, in ``elias-fano`` + `value_bits` codes (``distill_jax.cache_codec``)."""
+  the tail mass, in ``elias-fano`` + `value_bits` codes (``distill_jax.data.cache_codec``)."""
 
   teacher: Optional[str] = None  # the teacher to cache [the only one with a cache, else the main one]
   dir: Optional[str] = None  # where [that teacher's `cache`]

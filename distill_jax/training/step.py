@@ -9,7 +9,7 @@ PRNG: ``key = fold_in(state.rng, state.step)``; ``dropout_rng, transform_rng =
 split(key)``.  Under `pmap` the key is further folded with the device index so that
 devices draw different dropout/masking noise.  A run is therefore a function of
 ``(seed, step)``: resuming at step ``n`` draws the same keys as an uninterrupted run.
-On-policy steps (`distill_jax.on_policy`) draw from a stream of their own; their coin is
+On-policy steps (`distill_jax.training.on_policy`) draw from a stream of their own; their coin is
 drawn before the device fold, so every device takes the same branch.
 
 Non-finite handling: when the loss or any gradient is NaN/inf the update is discarded —
@@ -30,9 +30,9 @@ import optax
 from jax import lax
 from jax.sharding import Mesh
 
-from distill_jax import on_policy as on_policy_lib
-from distill_jax import sharding as sharding_lib
-from distill_jax.state import TrainState, create_train_state
+from distill_jax.training import on_policy as on_policy_lib
+from distill_jax.training import sharding as sharding_lib
+from distill_jax.training.state import TrainState, create_train_state
 
 Batch = Mapping[str, jax.Array]
 ApplyFn = Callable[..., Any]  # (params, batch, *, outputs, train=False, rng=None) -> ModelOutputs
@@ -77,13 +77,13 @@ def train_step(state: TrainState, teacher_params: Mapping[str, Any], batch: Batc
     batch: dict of ``[B, ...]`` arrays (``input_ids``, ``attention_mask``, ...).
     student_apply: ``(params, batch, *, outputs, train, rng) -> ModelOutputs``.
     teacher_applies: ``{teacher_name: apply}``; teachers run with ``train=False``.
-    objective: an `distill_jax.objective.Objective`.
+    objective: an `distill_jax.objective.objective.Objective`.
     optimizer: the optax transformation the state was created with.
     batch_transform: optional pure ``(rng, batch) -> batch`` run first inside the step
       (e.g. MLM dynamic masking), seen by teachers and student alike.
     on_policy: when set, with probability ``on_policy.lmbda`` (drawn from ``(seed, step)``)
       the step trains on the student's samples from the batch's prompts instead of the
-      batch (see `distill_jax.on_policy`), under a `lax.cond`; metrics then also hold
+      batch (see `distill_jax.training.on_policy`), under a `lax.cond`; metrics then also hold
       ``"on_policy"``: ``(1, 1)`` on such a step, ``(0, 1)`` else.
     axis_name: set by the `pmap` wrapper: the local batch is one shard of the global one;
       token counts are summed over the axis so the loss is the global token mean.

@@ -12,9 +12,11 @@ from typing import Any, Optional
 
 import jax
 
-from distill_jax import config as config_lib
-from distill_jax.distributed import is_main_process
-from distill_jax.run_log import METRICS_FILE, echo
+from distill_jax.config import root as config_lib
+from distill_jax.training.distributed import is_main_process
+from distill_jax.training.run_log import METRICS_FILE, echo
+from distill_jax.evaluation import report as report_lib
+from distill_jax.checkpoint import manager as checkpoint
 
 
 CONFIG_FILE = "config.yaml"
@@ -72,8 +74,6 @@ def finished_run(cfg: config_lib.Config, run_dir: pathlib.Path) -> Optional[RunR
   Its report records the final step and the export; nothing is loaded, evaluated or
   exported again, so rerunning a finished command returns in seconds.
   """
-  from distill_jax import report as report_lib
-
   report_path, saved = run_dir / report_lib.REPORT_JSON, run_dir / CONFIG_FILE
   if not (cfg.checkpoint.resume and report_path.exists() and saved.exists()):
     return None
@@ -93,8 +93,6 @@ def finished_run(cfg: config_lib.Config, run_dir: pathlib.Path) -> Optional[RunR
 
 
 def checkpointer(cfg: config_lib.Config, run_dir: pathlib.Path) -> Any:
-  from distill_jax import checkpoint
-
   c = cfg.checkpoint
   return checkpoint.Checkpointer(run_dir, save_every=c.every or cfg.train.steps + 1, keep_last=c.keep_last,
                                  keep_best=c.keep_best, best_metric=c.best_metric, best_mode=c.best_mode,

@@ -15,8 +15,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax import config as config_lib
+from distill_jax.config import root as config_lib
 from distill_jax.errors import first_line
+from distill_jax.data import teacher_cache
+from distill_jax import models
+from distill_jax.models import checkpoints
+from distill_jax.data import pipeline as data
+from distill_jax.training import on_policy
+from distill_jax.models import generate
+from distill_jax.objective import objective as objective_lib
+from distill_jax.training import sharding
+from distill_jax.training import state as state_lib
+from distill_jax.training import step as step_lib
 
 
 @dataclasses.dataclass
@@ -41,8 +51,6 @@ class Run:
 
   def batch_extras(self, split: str) -> dict[str, Any]:
     """``{batch key: rows reader}`` of the cached teachers for the data pipeline's `split`."""
-    from distill_jax import teacher_cache
-
     return {teacher_cache.batch_key(n): c.rows(split) for n, c in self.caches.items()}
 
   @property
@@ -61,8 +69,6 @@ def main_teacher(cfg: config_lib.Config) -> str:
 
 
 def load_teacher(name: str, tc: config_lib.TeacherConfig) -> Any:
-  from distill_jax import models
-
   field = f"teachers.{name}.path"
   path = config_lib.resolve_model_path(tc.path, field)
   with field_errors(field):
@@ -81,8 +87,6 @@ def field_errors(field: str) -> Iterator[None]:
 
 
 def _build_student(cfg: config_lib.Config, teachers: Mapping[str, Any]) -> Any:
-  from distill_jax import models
-
   s = cfg.student
   seed = cfg.train.seed if s.seed is None else s.seed
   source_name = s.teacher or next((n for n, t in cfg.teachers.items() if t.path != config_lib.SELF_TEACHER), None)
@@ -141,11 +145,8 @@ def _student_task(cfg: config_lib.Config) -> str:
 
 def data_tokenizer(cfg: config_lib.Config, main: str) -> Any:
   """The tokenizer the data uses (teacher `main`'s, else the student checkpoint's), read alone."""
-  from distill_jax.models import checkpoints
-
   tc = cfg.teachers[main]
   if tc.cache is not None:  # the tokenizer the cache was written with
-    from distill_jax import teacher_cache
 
     return teacher_cache.open_cache(main, tc.cache).tokenizer
   sources = [] if tc.path == config_lib.SELF_TEACHER else [(f"teachers.{main}.path", tc.path)]
@@ -160,8 +161,6 @@ def data_tokenizer(cfg: config_lib.Config, main: str) -> Any:
 
 
 def load_data(cfg: config_lib.Config, tokenizer: Any, task: str) -> tuple[Any, Any]:
-  from distill_jax import data
-
   d = cfg.data
   columns = tuple(d.text_columns) + ((d.completion_column,) if d.completion_column else ())
   common = dict(name=d.name, text_columns=columns, label_column=d.label_column,
@@ -190,7 +189,6 @@ def _batch_transform(cfg: config_lib.Config, task: str, tokenizer: Any, examples
                      main: str):
   if task != "masked_lm":
     return None
-  from distill_jax import data
 
   if tokenizer.mask_token_id is None:
     raise ValueError(f"teachers.{main}.path: a masked_lm run needs a tokenizer with a mask token")
@@ -203,8 +201,6 @@ def _on_policy(cfg: config_lib.Config, student: Any, tokenizer: Any) -> Any:
   op = cfg.objective.on_policy
   if op is None:
     return None
-  from distill_jax import on_policy
-  from distill_jax.models import generate
 
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
   sample = functools.partial(generate.generate, student.module, max_new_tokens=op.max_new_tokens,
@@ -220,9 +216,6 @@ def set_precision(cfg: config_lib.Config) -> None:
 
 def build_run(cfg: config_lib.Config) -> Run:
   """Loads models and data and builds the objective, mesh, optimizer, step and state."""
-  from distill_jax import models, objective as objective_lib, sharding, state as state_lib, step as step_lib
-  from distill_jax import teacher_cache
-
   set_precision(cfg)
   import datasets
 
@@ -286,8 +279,6 @@ def build_run(cfg: config_lib.Config) -> Run:
 
 def host_state(run: Run, state: Any) -> Any:
   """The state as saved: unreplicated under pmap, global (sharded) arrays under jit."""
-  from distill_jax import step as step_lib
-
   return step_lib.unreplicate(state) if run.mesh is None else state
 
 
@@ -302,14 +293,10 @@ def abstract_state(run: Run) -> Any:
 
 
 def device_state(run: Run, restored: Any) -> Any:
-  from distill_jax import step as step_lib
-
   return step_lib.replicate(jax.device_get(restored)) if run.mesh is None else restored
 
 
 def place_batch(run: Run, batch: Mapping[str, np.ndarray]) -> dict:
-  from distill_jax import sharding
-
   if run.mesh is None:
     return {k: np.asarray(v) for k, v in batch.items()}
   return sharding.shard_batch(batch, run.mesh)

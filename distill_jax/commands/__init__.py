@@ -1,0 +1,1 @@
+"""One module per CLI command; distill_jax.cli only parses and dispatches here."""
