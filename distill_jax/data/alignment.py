@@ -1,0 +1,224 @@
+"""Cross-tokenizer alignment on the host: spans of student and teacher tokens covering the same text.
+
+A *span* is a group of consecutive student tokens and consecutive teacher tokens that cover
+the same stretch of text.  Spans are found from the two tokenizations' character offsets
+(fast tokenizers give offsets into the original text, whatever their normalization:
+WordPiece lower-casing and accent stripping, SentencePiece's leading ``▁``, byte-level BPE's
+``Ġ`` and multi-byte characters split over several tokens that all carry the character's
+offsets):
+
+1. A *cut* is a character position that no token of either side strictly straddles.
+2. Between consecutive cuts lies an interval; every token with text lies inside one.
+3. Intervals are grouped in order until a group has tokens on both sides: that group is a
+   span.  Text covered by one side only (whitespace tokens of byte-level BPE that WordPiece
+   drops) thus joins the following span; a one-sided tail joins the span before it.
+4. Tokens without text (special tokens: ``[CLS]``, ``<s>``, EOS, offsets ``(0, 0)``) sit at
+   the end of the text before them; the k-th special at a common cut on one side pairs with
+   the k-th special at the same cut on the other side as a span of their own.  An unpaired
+   special belongs to no span (id ``-1``).
+
+The alignment is monotone: span ids increase along both token sequences.  Everything here
+is NumPy on the host and a pure function of the tokenizations; :func:`span_tensors` turns
+one aligned row into the fixed-shape arrays the jitted step reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["Tokenized", "tokenize_with_offsets", "align_spans", "span_tensors", "align_texts", "SPAN_KEYS"]
+
+#: Per-row arrays :func:`span_tensors` produces (prefix ``teacher_`` marks teacher-length axes).
+SPAN_KEYS = ("student_span", "student_span_end", "teacher_index", "teacher_span", "teacher_span_end")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Tokenized:
+  """One text's tokens with character offsets into it.
+
+  Attributes:
+    ids: ``[N]`` int32 token ids.
+    offsets: ``[N, 2]`` int64 ``(start, end)`` character offsets; ``start == end`` for tokens
+      without text (special tokens).
+  """
+
+  ids: np.ndarray
+  offsets: np.ndarray
+
+
+def check_fast(tokenizer: Any, field: str) -> None:
+  """One-line ``ValueError`` naming ``field`` unless ``tokenizer`` is a fast tokenizer (offsets)."""
+  if not getattr(tokenizer, "is_fast", False):
+    raise ValueError(f"{field}: cross-tokenizer alignment needs a fast tokenizer (character offsets); "
+                     f"got slow {type(tokenizer).__name__}")
+
+
+def tokenize_with_offsets(tokenizer: Any, texts: Sequence[str], *, field: str = "tokenizer",
+                          add_special_tokens: bool = False) -> list[Tokenized]:
+  """Tokenizes ``texts`` with a Hugging Face fast tokenizer, keeping character offsets.
+
+  Args:
+    tokenizer: a ``PreTrainedTokenizerFast`` (a slow tokenizer has no offsets: one-line error).
+    texts: the texts.
+    field: the config field naming the tokenizer, for the error message.
+    add_special_tokens: add the tokenizer's special tokens (``[CLS]``/``[SEP]``, BOS).
+
+  Returns:
+    one :class:`Tokenized` per text.
+  """
+  check_fast(tokenizer, field)
+  enc = tokenizer(list(texts), add_special_tokens=add_special_tokens, return_offsets_mapping=True, verbose=False)
+  return [Tokenized(np.asarray(ids, np.int32), np.asarray(off, np.int64).reshape(-1, 2))
+          for ids, off in zip(enc["input_ids"], enc["offset_mapping"])]
+
+
+def _positions(offsets_Nx2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Whether each token has text, and each token's anchor: its start, or for a token
+  without text the end of the text before it (its offsets, often ``(0, 0)``, say nothing)."""
+  has_text = offsets_Nx2[:, 1] > offsets_Nx2[:, 0]
+  ends = np.where(has_text, offsets_Nx2[:, 1], 0)
+  before = np.concatenate([[0], np.maximum.accumulate(ends)[:-1]]) if len(ends) else ends
+  return has_text, np.where(has_text, offsets_Nx2[:, 0], before)
+
+
+def align_spans(student_offsets: np.ndarray, teacher_offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+  """Monotone span alignment of two tokenizations of the same text (see the module docstring).
+
+  Args:
+    student_offsets: `[Ns, 2]` character offsets of the student's tokens.
+    teacher_offsets: `[Nt, 2]` character offsets of the teacher's tokens.
+
+  Returns:
+    ``(student_span [Ns], teacher_span [Nt], num_spans)``: int32 span ids ``0..num_spans-1``,
+    non-decreasing along each sequence where ``>= 0``; ``-1``: the token is in no span.
+  """
+  sides = [np.asarray(student_offsets, np.int64).reshape(-1, 2), np.asarray(teacher_offsets, np.int64).reshape(-1, 2)]
+  length = int(max([0] + [int(o[:, 1].max()) for o in sides if len(o)]))
+  blocked = np.zeros(length + 2, np.int64)
+  for off in sides:  # a cut at p is blocked by a token with start < p < end (difference array)
+    text = off[off[:, 1] > off[:, 0]]
+    np.add.at(blocked, text[:, 0] + 1, 1)
+    np.add.at(blocked, text[:, 1], -1)
+  cuts = np.flatnonzero(np.cumsum(blocked)[:length + 1] == 0)
+  # Events in text order: ("text", interval, side, token) and ("special", cut, side, token).
+  events: list[tuple[int, int, int, int, int]] = []  # (position, kind 0=special 1=text, side, rank, token)
+  for side, off in enumerate(sides):
+    has_text, anchor = _positions(off)
+    for tok in range(len(off)):
+      if has_text[tok]:
+        interval = int(np.searchsorted(cuts, anchor[tok], side="right")) - 1
+        events.append((int(cuts[interval]), 1, side, tok, tok))
+      elif anchor[tok] in set(cuts.tolist()) or int(anchor[tok]) == length:
+        events.append((int(anchor[tok]), 0, side, tok, tok))
+  spans = [np.full(len(o), -1, np.int32) for o in sides]
+  events.sort(key=lambda e: (e[0], e[1], e[3]))
+  num_spans = 0
+  pending: list[tuple[int, int]] = []  # (side, token) of the group being built
+  last_text_span = -1  # the span a one-sided tail may join (none after a special pair)
+
+  def close(group: list[tuple[int, int]], span: int) -> None:
+    for side, tok in group:
+      spans[side][tok] = span
+
+  i = 0
+  while i < len(events):
+    pos, kind = events[i][0], events[i][1]
+    j = i
+    while j < len(events) and events[j][:2] == (pos, kind):
+      j += 1
+    block = events[i:j]
+    if kind == 0:  # specials at a cut: pair k-th with k-th
+      if pending and last_text_span >= 0:
+        close(pending, last_text_span)
+      pending, last_text_span = [], -1
+      per_side = [[e[4] for e in block if e[2] == s] for s in (0, 1)]
+      for a, b in zip(*per_side):
+        close([(0, a), (1, b)], num_spans)
+        num_spans += 1
+    else:  # one interval's text tokens
+      pending += [(e[2], e[4]) for e in block]
+      if {s for s, _ in pending} == {0, 1}:
+        close(pending, num_spans)
+        last_text_span, pending = num_spans, []
+        num_spans += 1
+    i = j
+  if pending and last_text_span >= 0:
+    close(pending, last_text_span)
+  return spans[0], spans[1], num_spans
+
+
+def span_tensors(student_span: np.ndarray, teacher_span: np.ndarray, *, student_length: int,
+                 teacher_length: int, student_start: int = 0, teacher_start: int = 0) -> dict[str, np.ndarray]:
+  """Fixed-shape span arrays of one row: windows of both aligned sequences, padded.
+
+  A span counts only if all its student and all its teacher tokens lie inside the windows
+  ``[student_start, student_start + student_length)`` and ``[teacher_start, ...)``.
+
+  Args:
+    student_span: `[Ns]` span ids from :func:`align_spans` over the whole sequence.
+    teacher_span: `[Nt]` span ids likewise.
+    student_length: the student row length `Ls`.
+    teacher_length: the teacher row length `Lt`.
+    student_start: the window's first student token.
+    teacher_start: the window's first teacher token.
+
+  Returns:
+    int32 arrays keyed by :data:`SPAN_KEYS`: ``student_span [Ls]`` / ``teacher_span [Lt]``
+    (row-local span ids, ``-1`` outside any complete span or on padding),
+    ``student_span_end [Ls]`` / ``teacher_span_end [Lt]`` (1 at a span's last token),
+    ``teacher_index [Ls]`` (at a student span end: the teacher row position of the same
+    span's last token; 0 elsewhere).
+  """
+  s_all = np.asarray(student_span, np.int64)
+  t_all = np.asarray(teacher_span, np.int64)
+  s_win = s_all[student_start:student_start + student_length]
+  t_win = t_all[teacher_start:teacher_start + teacher_length]
+  num = int(max(s_all.max(initial=-1), t_all.max(initial=-1))) + 1
+  total = [np.bincount(a[a >= 0], minlength=num) for a in (s_all, t_all)]
+  inside = [np.bincount(a[a >= 0], minlength=num) for a in (s_win, t_win)]
+  complete = (total[0] == inside[0]) & (total[1] == inside[1]) & (inside[0] > 0) & (inside[1] > 0)
+  local = np.cumsum(complete) - 1  # row-local ids in order
+  out = {}
+  for name, win, length in (("student", s_win, student_length), ("teacher", t_win, teacher_length)):
+    ok = (win >= 0) & complete[np.maximum(win, 0)]
+    ids = np.where(ok, local[np.maximum(win, 0)], -1)
+    span = np.full(length, -1, np.int32)
+    span[:len(ids)] = ids
+    end = np.zeros(length, np.int32)
+    nxt = np.append(span[1:], -1)
+    end[:] = (span >= 0) & (nxt != span)
+    out[f"{name}_span"], out[f"{name}_span_end"] = span, end
+  teacher_last = np.zeros(int(complete.sum()), np.int32)
+  t_end = np.flatnonzero(out["teacher_span_end"])
+  teacher_last[out["teacher_span"][t_end]] = t_end
+  s_end = out["student_span_end"].astype(bool)
+  index = np.zeros(student_length, np.int32)
+  index[s_end] = teacher_last[out["student_span"][s_end]]
+  out["teacher_index"] = index
+  return {k: out[k] for k in SPAN_KEYS}
+
+
+def align_texts(student_tokenizer: Any, teacher_tokenizer: Any, texts: Sequence[str], *,
+                student_field: str = "student.tokenizer", teacher_field: str = "teacher.tokenizer",
+                add_special_tokens: bool = False) -> list[tuple[Tokenized, Tokenized, np.ndarray, np.ndarray, int]]:
+  """Tokenizes ``texts`` with both tokenizers and aligns each pair.
+
+  Args:
+    student_tokenizer: the student's fast tokenizer.
+    teacher_tokenizer: the teacher's fast tokenizer.
+    texts: the texts.
+    student_field: the config field of the student's tokenizer (error messages).
+    teacher_field: the config field of the teacher's tokenizer.
+    add_special_tokens: let both tokenizers add their special tokens.
+
+  Returns:
+    per text ``(student Tokenized, teacher Tokenized, student_span, teacher_span, num_spans)``.
+  """
+  check_fast(student_tokenizer, student_field)
+  check_fast(teacher_tokenizer, teacher_field)
+  s_tok = tokenize_with_offsets(student_tokenizer, texts, field=student_field, add_special_tokens=add_special_tokens)
+  t_tok = tokenize_with_offsets(teacher_tokenizer, texts, field=teacher_field, add_special_tokens=add_special_tokens)
+  return [(s, t, *align_spans(s.offsets, t.offsets)) for s, t in zip(s_tok, t_tok)]
