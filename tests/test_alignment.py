@@ -187,3 +187,25 @@ def test_slow_tokenizer_is_a_one_line_error():
   with pytest.raises(ValueError, match=r"^teachers\.big\.path: cross-tokenizer alignment needs a fast") as err:
     alignment.align_texts(_wordpiece(), slow, ["a b"], teacher_field="teachers.big.path")
   assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece", "unigram"])
+def test_shared_vocab_of_a_tokenizer_with_itself_is_the_identity(tokenizers, kind):
+  tok = tokenizers[kind]
+  s_ids, t_ids = alignment.shared_vocab(tok, tok)
+  np.testing.assert_array_equal(s_ids, t_ids)
+  assert len(s_ids) == len(tok)  # every id, specials and partial-byte tokens included
+
+
+def test_shared_vocab_matches_word_starts_and_continuations(tokenizers):
+  minilm, bpe, uni = tokenizers["minilm"], tokenizers["bpe"], tokenizers["unigram"]
+  pairs = {(minilm.convert_ids_to_tokens(int(s)), bpe.convert_ids_to_tokens(int(t)))
+           for s, t in zip(*alignment.shared_vocab(minilm, bpe))}
+  s_tokens = {s for s, _ in pairs}
+  assert ("and", "Ġand") in pairs and ("##able", "able") in pairs and ("##t", "t") in pairs
+  assert "##and" not in s_tokens or ("##and", "and") in pairs
+  assert len({t for _, t in pairs}) == len(pairs) == len(s_tokens)  # one-to-one
+  pairs = {(uni.convert_ids_to_tokens(int(s)), int(t)) for s, t in zip(*alignment.shared_vocab(uni, bpe))}
+  assert ("▁x", bpe.convert_tokens_to_ids("Ġx")) in pairs and ("<s>", bpe.convert_tokens_to_ids("<s>")) in pairs
+  for s, t in pairs:  # same text: ▁ means a leading space
+    assert s.replace("▁", " ") == bpe.decode([t])

@@ -12,6 +12,12 @@ same result as the equal Python number.
 
 from __future__ import annotations
 
+from distill_jax.losses._cross_tokenizer import hybrid_uld
+from distill_jax.losses._cross_tokenizer import span_gather
+from distill_jax.losses._cross_tokenizer import span_log_probs
+from distill_jax.losses._cross_tokenizer import span_mean
+from distill_jax.losses._cross_tokenizer import span_sum
+from distill_jax.losses._cross_tokenizer import uld
 from distill_jax.losses._feature import attention_kl
 from distill_jax.losses._feature import attention_mse
 from distill_jax.losses._feature import cosine_distance
@@ -51,6 +57,7 @@ __all__ = [
     "forward_kl",
     "generalized_jsd",
     "hidden_mse",
+    "hybrid_uld",
     "masked_mean",
     "masked_sum_and_count",
     "relation_matrix",
@@ -60,10 +67,15 @@ __all__ = [
     "similarity_preserving",
     "skew_kl",
     "skew_reverse_kl",
+    "span_gather",
+    "span_log_probs",
+    "span_mean",
+    "span_sum",
     "sparse_forward_kl",
     "sparse_generalized_jsd",
     "sparse_reverse_kl",
     "token_relation",
     "total_variation",
+    "uld",
     "value_relation_kl",
 ]
