@@ -51,6 +51,12 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> int:
   return cache_teacher.main(common.load_command_config(args.items))
 
 
+def _cmd_prepare_data(args: argparse.Namespace) -> int:
+  from distill_jax.commands import common, prepare_data
+
+  return prepare_data.main(common.load_command_config([args.config, *args.overrides]), args.out_dir)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
   from distill_jax.commands import eval as eval_command
 
@@ -110,6 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
                      "teachers.<name>.cache), with manifest.json. Resumable: a rerun computes only the missing "
                      "shards. Then `train` with teachers.<name>.cache=DIR never loads that teacher (sparse_* terms).")
   _config_items(p, _cmd_cache_teacher)
+
+  p = sub.add_parser("prepare-data", help="tokenize the config's data once into on-disk shards to train from",
+                     description="Tokenize the config's training and validation data as `train` does (same "
+                     "tokenizer, packing, data.max_length) into fixed-length row shards in OUT_DIR with "
+                     "manifest.json; data.streaming=true reads a hub dataset or large files as a stream. Resumable "
+                     "(a rerun writes only the missing shards); each process of a multi-host job writes its share. "
+                     "Then `train` with data.source=OUT_DIR reads each host's rows from disk.")
+  p.add_argument("config", metavar="CONFIG.yaml")
+  p.add_argument("out_dir", metavar="OUT_DIR")
+  p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
+  p.set_defaults(func=_cmd_prepare_data)
 
   p = sub.add_parser("eval", help="evaluate a run's latest checkpoint against its teacher and write the report",
                      description="Evaluate the latest checkpoint of RUN_DIR (task metrics, agreement with "

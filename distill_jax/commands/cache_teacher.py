@@ -1,7 +1,8 @@
 """`distill-jax cache-teacher CONFIG`: run a teacher once over the run's rows and write its cache.
 
 The format, layout and reader are in :mod:`distill_jax.data.teacher_cache`; this command
-tokenizes the training and validation data exactly as `train` does, runs the teacher (sharded
+tokenizes the training and validation data exactly as `train` does (or reads the rows of a
+prepared ``data.source``, so a cache and a prepared set line up), runs the teacher (sharded
 over this process's devices) over every row and writes whole shards (temp + rename), so a
 killed run resumes with exactly the missing ones. With several processes, process ``p``
 writes the shards ``s % process_count == p``; process 0 writes the manifest last.
@@ -23,8 +24,9 @@ from distill_jax import models
 from distill_jax.config import root as config_lib
 from distill_jax.data import cache_codec
 from distill_jax.data import pipeline as data
+from distill_jax.data import prepared
 from distill_jax.data.teacher_cache import (MANIFEST, SPLITS, TOKENIZER_DIR, VERSION, _checksum, _num_shards,
-                                            _shard_path, data_fingerprint, tokenizer_fingerprint)
+                                            _shard_path, tokenizer_fingerprint)
 from distill_jax.errors import UserError
 from distill_jax.models import checkpoints
 from distill_jax.training import distributed, faults, run_setup, sharding, step
@@ -58,7 +60,7 @@ def _meta(cfg: config_lib.Config, name: str, fmt: cache_codec.CacheFormat, token
                   "precision": cfg.train.precision, "files": checksum_files},
       "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
       "splits": {split: {"rows": len(ex.lengths), "row_length": int(ex.max_length),
-                         "shard_rows": cfg.cache.shard_rows, "data_fingerprint": data_fingerprint(ex),
+                         "shard_rows": cfg.cache.shard_rows, "data_fingerprint": prepared.fingerprint(ex),
                          "tokens": int(np.sum(ex.lengths))}
                  for split, ex in splits.items()},
   }

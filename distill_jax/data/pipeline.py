@@ -34,11 +34,14 @@ A padded example (eval padding) has all-zero ``attention_mask`` and ``loss_mask`
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import itertools
 import logging
+import multiprocessing
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Optional
 
 import datasets
@@ -194,6 +197,55 @@ def tokenize(dataset: datasets.Dataset, tokenizer: Any, *, task: str, max_length
   return ex
 
 
+def tokenize_stream(rows: Iterable[dict], tokenizer: Any, *, text_columns: Sequence[str] = ("text",),
+                    num_workers: int = 0, chunk_size: int = 512) -> Iterator[list[int]]:
+  """``causal_lm`` documents of a stream of examples, tokenized as :func:`tokenize` does
+  (texts joined, no special tokens, EOS appended), in order, `chunk_size` examples at a time.
+
+  Args:
+    rows: example dicts (e.g. :func:`distill_jax.data.sources.stream_texts`).
+    tokenizer: a Hugging Face tokenizer object.
+    text_columns: the columns joined into one document.
+    num_workers: tokenizing processes (0: in-process); order is kept.
+    chunk_size: examples per tokenizer call.
+
+  Yields:
+    The token ids of each document, EOS last.
+  """
+  eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+  if eos is None:
+    raise ValueError("tokenizer: causal_lm packing needs an eos_token (or sep_token) as separator")
+  columns = tuple(text_columns)
+  rows = iter(rows)
+  chunks = iter(lambda: {c: [r[c] for r in chunk] for c in columns} if (chunk := list(itertools.islice(rows, chunk_size)))
+                else None, None)
+  if num_workers:
+    # spawn: the parent has JAX's threads running, which fork would copy half-held.
+    with multiprocessing.get_context("spawn").Pool(num_workers, _init_stream_worker,
+                                                    (tokenizer, columns, eos)) as pool:
+      pending: collections.deque = collections.deque()  # a bounded window (Pool.imap reads ahead unbounded)
+      for chunk in chunks:
+        pending.append(pool.apply_async(_stream_worker, (chunk,)))
+        if len(pending) >= 2 * num_workers:
+          yield from pending.popleft().get()
+      while pending:
+        yield from pending.popleft().get()
+  else:
+    for chunk in chunks:
+      yield from _tokenize_docs(chunk, tokenizer=tokenizer, columns=columns, eos=eos)["input_ids"]
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_stream_worker(tokenizer: Any, columns: Sequence[str], eos: int) -> None:
+  _WORKER.update(tokenizer=tokenizer, columns=columns, eos=eos)
+
+
+def _stream_worker(chunk: dict) -> list[list[int]]:
+  return _tokenize_docs(chunk, **_WORKER)["input_ids"]
+
+
 def tokenizer_key(tokenizer: Any) -> str:
   """The tokenizer's full definition as text (the fast tokenizer's JSON), for cache keys."""
   backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -291,7 +343,10 @@ def padding_report(examples: Examples) -> dict[str, float]:
 
 
 def assemble(examples: Examples, indices: Sequence[int], length: int) -> dict[str, np.ndarray]:
-  """One batch of the contract from example ``indices`` (``-1`` = a padded example)."""
+  """One batch of the contract from example ``indices`` (``-1`` = a padded example); `examples`
+  read from disk (`distill_jax.data.prepared.PreparedSplit`) assemble their own rows."""
+  if not isinstance(examples, Examples):
+    return examples.assemble(indices, length)
   b = len(indices)
   out = {"input_ids": np.full((b, length), examples.pad_id, np.int32),
          "attention_mask": np.zeros((b, length), np.int32)}

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import logging
 import os
 import re
-from collections.abc import Sequence
-from typing import Optional
+from collections.abc import Iterator, Sequence
+from typing import Any, Optional
 
 import datasets
 
@@ -125,8 +126,7 @@ def _is_path(source: str) -> bool:
           or any(c in source for c in "*?"))
 
 
-def _load_local(path: str, data_format: Optional[str], cache_dir: Optional[str]) -> datasets.DatasetDict:
-  path = os.path.expanduser(path)
+def _local_files(path: str, data_format: Optional[str]) -> list[str]:
   if os.path.isdir(path):
     files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
                    if os.path.isfile(f) and (data_format or os.path.splitext(f)[1].lower() in FORMATS))
@@ -136,6 +136,11 @@ def _load_local(path: str, data_format: Optional[str], cache_dir: Optional[str])
     files = sorted(glob.glob(path)) if any(c in path for c in "*?") else [path]
     if not files or not all(os.path.isfile(f) for f in files):
       raise ValueError(f"data.source: no such file {path!r}")
+  return files
+
+
+def _local_format(files: Sequence[str], data_format: Optional[str], path: str) -> tuple[str, dict]:
+  """The `datasets` builder of `files` and its keyword arguments."""
   if data_format is None:
     kinds = {FORMATS.get(os.path.splitext(f)[1].lower()) for f in files}
     if None in kinds:
@@ -152,7 +157,13 @@ def _load_local(path: str, data_format: Optional[str], cache_dir: Optional[str])
     raise ValueError(f"data.format: unknown {data_format!r}; allowed: {', '.join(_BUILDERS + ('jsonl', 'tsv'))}")
   if all(os.path.getsize(f) == 0 for f in files):
     raise ValueError(f"data.source: {path!r} is empty (no examples)")
-  kwargs = {"delimiter": "\t"} if data_format == "csv" and tab_separated else {}
+  return data_format, ({"delimiter": "\t"} if data_format == "csv" and tab_separated else {})
+
+
+def _load_local(path: str, data_format: Optional[str], cache_dir: Optional[str]) -> datasets.DatasetDict:
+  path = os.path.expanduser(path)
+  files = _local_files(path, data_format)
+  data_format, kwargs = _local_format(files, data_format, path)
   try:
     return datasets.load_dataset(data_format, data_files={"train": files}, cache_dir=cache_dir, **kwargs)
   except Exception as e:  # noqa: BLE001 — parse errors surface as many types.
@@ -200,3 +211,63 @@ def _drop_empty(ds: datasets.Dataset, text_columns: Sequence[str]) -> datasets.D
   if len(kept) < len(ds):
     _LOG.warning("data: dropped %d of %d examples with empty %s", len(ds) - len(kept), len(ds), list(text_columns))
   return kept
+
+
+def stream_texts(source: str, *, split: str = "train", name: Optional[str] = None,
+                 text_columns: Sequence[str] = ("text",), data_format: Optional[str] = None,
+                 carve: Optional[tuple[float, int, str]] = None, cache_dir: Optional[str] = None
+                 ) -> Iterator[dict[str, Any]]:
+  """Examples of one split, one at a time, never holding the split (``data.streaming``): a hub
+  dataset through `datasets`' streaming mode, local files read lazily, or ``pydoc``.
+
+  Args:
+    source, split, name, text_columns, data_format, cache_dir: as in :func:`load_texts`.
+    carve: ``(fraction, seed, part)``: keep the examples of ``part`` (``"train"`` or
+      ``"validation"``) of a deterministic carve of `split`: example ``i`` is in validation
+      when a hash of ``(seed, i)`` falls below `fraction` (not the in-memory split's carve).
+
+  Yields:
+    Example dicts whose text columns are not all empty (as :func:`load_texts` keeps them).
+
+  Raises:
+    ValueError: one line naming the field, for a missing source or column, or an empty split.
+  """
+  text_columns = (text_columns,) if isinstance(text_columns, str) else tuple(text_columns)
+  if source == PYDOC:
+    rows: Any = pydoc_corpus(split)
+  elif _is_path(source):
+    if split != "train":
+      raise ValueError(f"data.split: local files have the split 'train' only, got {split!r}")
+    files = _local_files(os.path.expanduser(source), data_format)
+    fmt, kwargs = _local_format(files, data_format, source)
+    rows = datasets.load_dataset(fmt, data_files={"train": files}, split="train", streaming=True, **kwargs)
+  else:
+    try:
+      rows = datasets.load_dataset(source, name, split=split, streaming=True, cache_dir=cache_dir)
+    except Exception as e:  # noqa: BLE001 — datasets raises many types for "not available".
+      raise ValueError(f"data.source: hub dataset {source!r} (config {name!r}, split {split!r}) is not available "
+                       f"for streaming: {first_line(e)}") from e
+  seen = 0
+  for i, row in enumerate(rows):
+    if i == 0:
+      missing = [c for c in text_columns if c not in row]
+      if missing:
+        raise ValueError(f"data.text_columns: no column {missing[0]!r}; the dataset has {list(row)}")
+    if carve is not None and (_carved(i, carve[0], carve[1]) != (carve[2] == "validation")):
+      continue
+    if any(isinstance(row[c], str) and row[c].strip() for c in text_columns):
+      seen += 1
+      yield row
+  if not seen:
+    raise ValueError(f"data.source: the {split} split of {source!r} holds no examples with text in "
+                     f"{list(text_columns)}")
+
+
+def _carved(index: int, fraction: float, seed: int) -> bool:
+  digest = hashlib.sha1(f"{seed}:{index}".encode()).digest()
+  return int.from_bytes(digest[:8], "big") < fraction * 2 ** 64
+
+
+def take(rows: Iterator[dict[str, Any]], limit: Optional[int]) -> Iterator[dict[str, Any]]:
+  """The first `limit` rows (all when None)."""
+  return rows if limit is None else itertools.islice(rows, limit)

@@ -19,8 +19,9 @@ from distill_jax.config import root as config_lib
 from distill_jax.errors import first_line
 from distill_jax.data import teacher_cache
 from distill_jax import models
-from distill_jax.models import checkpoints
+from distill_jax.models import checkpoints, layers
 from distill_jax.data import pipeline as data
+from distill_jax.data import prepared
 from distill_jax.training import on_policy
 from distill_jax.models import generate
 from distill_jax.objective import objective as objective_lib
@@ -124,6 +125,12 @@ def _with_param_dtype(model: Any, param_dtype: str) -> Any:
   return dataclasses.replace(model, params=jax.tree.map(cast, model.params))
 
 
+def runtime_model(model: Any, attention_impl: str, mesh: Optional[Any]) -> Any:
+  """`model` whose module runs `attention_impl` (`layers.resolve_attention`) and constrains its
+  activations on `mesh` (None: no constraints, as on one device or under pmap)."""
+  return dataclasses.replace(model, module=model.module.clone(attention_impl=attention_impl, mesh=mesh))
+
+
 def _load_models(cfg: config_lib.Config) -> tuple[Any, dict[str, Any]]:
   """The student and the teachers by name (a "student" teacher is its frozen copy)."""
   teachers = {name: load_teacher(name, tc) for name, tc in cfg.teachers.items()
@@ -160,8 +167,24 @@ def data_tokenizer(cfg: config_lib.Config, main: str) -> Any:
   raise ValueError(f"{sources[0][0] if sources else 'student.path'}: the checkpoint has no tokenizer files")
 
 
-def load_data(cfg: config_lib.Config, tokenizer: Any, task: str) -> tuple[Any, Any]:
+def data_settings(cfg: config_lib.Config) -> dict[str, Any]:
+  """The data settings that shape the rows (recorded by, and checked against, prepared data)."""
   d = cfg.data
+  return {"max_length": d.max_length, "buckets": d.buckets, "text_columns": list(d.text_columns),
+          "label_column": d.label_column, "completion_column": d.completion_column, "max_examples": d.max_examples}
+
+
+def load_data(cfg: config_lib.Config, tokenizer: Any, task: str) -> tuple[Any, Any]:
+  """The training and validation rows: tokenized in memory, or a prepared directory's
+  (``data.source`` written by ``distill-jax prepare-data``, read from disk per batch)."""
+  d = cfg.data
+  if prepared.is_prepared(d.source):
+    manifest, splits = prepared.open_prepared(d.source)
+    prepared.check_compatible(manifest, tokenizer=tokenizer, task=task, settings=data_settings(cfg),
+                              source=d.source)
+    train_ex, eval_ex = splits["train"], splits["validation"]
+    _check_sizes(cfg, train_ex, eval_ex)
+    return train_ex, eval_ex
   columns = tuple(d.text_columns) + ((d.completion_column,) if d.completion_column else ())
   common = dict(name=d.name, text_columns=columns, label_column=d.label_column,
                 data_format=None if d.format == "auto" else d.format, seed=cfg.train.seed,
@@ -177,12 +200,17 @@ def load_data(cfg: config_lib.Config, tokenizer: Any, task: str) -> tuple[Any, A
                 cache_dir=d.cache_dir, num_proc=d.num_workers or None)
   train_ex = data.tokenize(train_ds, tokenizer, **tok_kw)
   eval_ex = data.tokenize(val_ds, tokenizer, label_names=train_ex.label_names, **tok_kw)
+  _check_sizes(cfg, train_ex, eval_ex)
+  return train_ex, eval_ex
+
+
+def _check_sizes(cfg: config_lib.Config, train_ex: Any, eval_ex: Any) -> None:
+  d = cfg.data
   if data.steps_per_epoch(train_ex, d.global_batch_size) == 0:  # before the run directory is written
     raise ValueError(f"data.global_batch_size: {len(train_ex.lengths)} training examples make no full batch of "
                      f"{d.global_batch_size} (per length bucket); use more data or a smaller batch")
   if len(eval_ex.lengths) == 0:
     raise ValueError(f"data.validation_split: the validation split of {d.source!r} holds no examples")
-  return train_ex, eval_ex
 
 
 def _batch_transform(cfg: config_lib.Config, task: str, tokenizer: Any, examples: Any, vocab_size: int,
@@ -224,6 +252,7 @@ def build_run(cfg: config_lib.Config) -> Run:
   # before any model weights are read.
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) if cfg.mesh.mode == "jit" else None
   devices = jax.devices() if mesh is None else list(mesh.devices.flat)
+  attention_impl = layers.resolve_attention(cfg.train.attention, devices[0].platform)
   if cfg.data.global_batch_size % len(devices):
     raise ValueError(f"data.global_batch_size={cfg.data.global_batch_size} is not divisible by the "
                      f"{len(devices)} devices")
@@ -237,6 +266,8 @@ def build_run(cfg: config_lib.Config) -> Run:
   for cache in caches.values():  # before any model loads
     cache.check(tokenizer, {"train": train_ex, "validation": eval_ex})
   student, teachers = _load_models(cfg)
+  student = runtime_model(student, attention_impl, mesh)
+  teachers = {n: runtime_model(t, attention_impl, mesh) for n, t in teachers.items()}
   objective = objective_lib.build_objective(cfg.resolved_terms(), student=student, teachers={**teachers, **caches})
   shared_vocab = None
   if main in caches:

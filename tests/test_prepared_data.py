@@ -1,0 +1,240 @@
+"""Prepared data (`distill-jax prepare-data`): the same rows and batches as the in-memory path,
+resumable whole shards, streaming without holding the source, bad input as one-line errors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import tiny
+from distill_jax.commands import prepare_data
+from distill_jax.config import root as config_lib
+from distill_jax.data import pipeline as data
+from distill_jax.data import prepared
+from distill_jax.data import teacher_cache
+from distill_jax.errors import UserError
+from distill_jax.training import run_setup
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp("prepared")
+  teacher = tiny.make_checkpoint(root / "teacher", "llama", "causal_lm", num_hidden_layers=1)
+  bert = tiny.make_checkpoint(root / "bert", "bert", "masked_lm", num_hidden_layers=1)
+  lines = tiny._corpus_lines()[:150]
+  text = root / "text.jsonl"
+  text.write_text("".join(json.dumps({"text": " ".join(lines[i:i + 3])}) + "\n" for i in range(0, len(lines), 3)))
+  return {"root": root, "teacher": str(teacher), "bert": str(bert), "text": str(text)}
+
+
+def _overrides(setup, *extra, teacher="teacher", task="causal_lm"):
+  return [f"teacher.path={setup[teacher]}", f"teacher.task={task}", "student.num_layers=1",
+          f"data.source={setup['text']}", "data.max_length=16", "data.global_batch_size=8",
+          "data.shard_rows=7", "logging.progress_bar=false", "logging.tensorboard=false",
+          "eval.before_and_after=false", "export.enabled=false", "train.steps=2", *extra]
+
+
+def _config(setup, *extra, **kw):
+  return config_lib.load_config(None, _overrides(setup, *extra, **kw))
+
+
+def _tokenizer(cfg):
+  return run_setup.data_tokenizer(cfg, run_setup.main_teacher(cfg))
+
+
+def _batches(examples, n, **kw):
+  return list(itertools.islice(data.train_batches(examples, global_batch_size=8, seed=3, process_index=0,
+                                                  process_count=1, **kw), n))
+
+
+def _same(a, b):
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert a[k].dtype == b[k].dtype, k
+
+
+def _shards(out):
+  return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("shard-*.npy"))}
+
+
+@pytest.fixture(scope="module")
+def causal(setup):
+  out = setup["root"] / "causal"
+  prepare_data.prepare(_config(setup), str(out))
+  return out
+
+
+@pytest.mark.parametrize("task,teacher,extra", [
+    ("causal_lm", "teacher", ()),
+    ("masked_lm", "bert", ("data.max_length=24",)),  # length buckets, computed loss mask
+])
+def test_prepared_batches_equal_the_in_memory_ones(setup, causal, tmp_path, task, teacher, extra):
+  cfg = _config(setup, *extra, teacher=teacher, task=task)
+  out = causal if task == "causal_lm" else tmp_path / "prepared"
+  if task != "causal_lm":
+    prepare_data.prepare(cfg, str(out))
+  tok = _tokenizer(cfg)
+  mem_train, mem_val = run_setup.load_data(cfg, tok, task)
+  disk_cfg = _config(setup, *extra, f"data.source={out}", teacher=teacher, task=task)
+  disk_train, disk_val = run_setup.load_data(disk_cfg, _tokenizer(disk_cfg), task)
+  assert isinstance(disk_train, prepared.PreparedSplit)
+  np.testing.assert_array_equal(disk_train.lengths, mem_train.lengths)
+  assert disk_train.buckets == mem_train.buckets
+  # The manifest's fingerprint is the teacher cache's fingerprint of the in-memory rows, and
+  # the lazily read flat arrays give it too.
+  assert disk_train.fingerprint == teacher_cache.data_fingerprint(mem_train) == teacher_cache.data_fingerprint(disk_train)
+  assert disk_val.fingerprint == teacher_cache.data_fingerprint(mem_val)
+  for a, b in zip(_batches(mem_train, 6), _batches(disk_train, 6)):
+    _same(a, b)
+  evals = lambda ex: list(data.eval_batches(ex, global_batch_size=8, process_index=0, process_count=1))  # noqa: E731
+  for a, b in zip(evals(mem_val), evals(disk_val), strict=True):
+    _same(a, b)
+
+
+def test_manifest(setup, causal):
+  m = json.loads((causal / "manifest.json").read_text())
+  assert m["format"] == prepared.FORMAT and m["version"] == prepared.VERSION and m["task"] == "causal_lm"
+  assert m["tokenizer_fingerprint"] == teacher_cache.tokenizer_fingerprint(_tokenizer(_config(setup)))
+  assert m["keys"] == ["input_ids", "labels", "loss_mask"] and m["max_length"] == 16
+  for split in prepared.SPLITS:
+    info = m["splits"][split]
+    assert info["num_shards"] == len(list((causal / split).glob("shard-*.npy"))) == -(-info["rows"] // 7)
+    assert 0 <= info["padding_fraction"] < 1 and len(info["data_fingerprint"]) == 64
+  assert m["tokens"] == sum(m["splits"][s]["tokens"] for s in prepared.SPLITS)
+  assert m["data"]["source"] == setup["text"] and not (causal / "progress.json").exists()
+
+
+def test_resume_is_exact_by_index(setup, causal):
+  _, splits = prepared.open_prepared(str(causal))
+  ex = splits["train"]
+  full = _batches(ex, 9)
+  it = data.train_batches(ex, global_batch_size=8, seed=3, process_index=0, process_count=1)
+  head = list(itertools.islice(it, 4))
+  state = json.loads(json.dumps(it.get_state()))  # JSON, as the checkpoint stores it
+  again = data.train_batches(ex, global_batch_size=8, seed=3, process_index=0, process_count=1)
+  again.set_state(state)
+  for a, b in zip(full, head + list(itertools.islice(again, 5)), strict=True):
+    _same(a, b)
+
+
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_hosts_read_disjoint_rows_that_cover_the_global_batch(causal, process_count):
+  _, splits = prepared.open_prepared(str(causal))
+  ex = splits["train"]
+  glob = _batches(ex, 3)
+  hosts = [list(itertools.islice(data.train_batches(ex, global_batch_size=8, seed=3, process_index=p,
+                                                    process_count=process_count), 3))
+           for p in range(process_count)]
+  for step in range(3):
+    joined = {k: np.concatenate([h[step][k] for h in hosts]) for k in glob[step]}
+    _same(joined, glob[step])
+
+
+def test_killed_prepare_resumes_to_identical_shards(setup, causal, tmp_path):
+  out = tmp_path / "killed"
+  env = dict(os.environ, DISTILL_JAX_FAULTS=json.dumps({"cache_exit_after_shards": 2}))
+  code = ("import sys; from distill_jax.config import root as c; from distill_jax.commands import prepare_data as p;"
+          "p.prepare(c.load_config(None, sys.argv[2:]), sys.argv[1])")
+  proc = subprocess.run([sys.executable, "-c", code, str(out), *_overrides(setup)], env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 137, proc.stderr[-2000:]
+  assert len(_shards(out)) == 2 and not (out / "manifest.json").exists() and (out / "progress.json").exists()
+  with pytest.raises(UserError, match=r"^data.source: .* holds no complete prepared data .*unfinished"):
+    prepared.open_prepared(str(out))
+  first = _shards(out)
+  prepare_data.prepare(_config(setup), str(out))
+  resumed = _shards(out)
+  assert {k: resumed[k] for k in first} == first  # the finished shards were not rewritten
+  assert resumed == _shards(causal)  # byte-identical to an uninterrupted run
+  assert json.loads((out / "manifest.json").read_text())["splits"] == json.loads(
+      (causal / "manifest.json").read_text())["splits"]
+
+
+def test_streaming_equals_in_memory_and_never_holds_the_source(setup, causal, tmp_path):
+  # pydoc has its own validation split, so the streamed rows must equal the in-memory ones.
+  base = ("data.source=pydoc", "data.max_examples=60", "data.max_length=32")
+  mem, stream = tmp_path / "mem", tmp_path / "stream"
+  prepare_data.prepare(_config(setup, *base), str(mem))
+  prepare_data.prepare(_config(setup, *base, "data.streaming=true"), str(stream))
+  assert _shards(mem) == _shards(stream)
+  m, s = (json.loads((d / "manifest.json").read_text()) for d in (mem, stream))
+  assert m["splits"] == s["splits"]
+
+
+def test_packed_stream_holds_one_shard(tmp_path):
+  """A counted generator: the writer never buffers more than one shard of rows ahead."""
+  rng = np.random.default_rng(0)
+  docs = [list(rng.integers(3, 100, rng.integers(1, 40))) + [2] for _ in range(400)]
+  length, shard_rows = 16, 5
+  seen = {"yielded": 0, "written": 0, "max_ahead": 0}
+
+  def counted():
+    for d in docs:
+      seen["yielded"] += len(d)
+      seen["max_ahead"] = max(seen["max_ahead"], seen["yielded"] - seen["written"])
+      yield d
+
+  rows, tokens = prepared.write_packed_stream(
+      tmp_path, "train", counted(), max_length=length, pad_id=0, shard_rows=shard_rows,
+      on_shard=lambda n: seen.__setitem__("written", seen["written"] + n))
+  assert tokens == sum(map(len, docs)) == seen["written"] and rows == -(-tokens // length)
+  assert seen["max_ahead"] <= shard_rows * length + 40 + length
+  # the packed rows are `pipeline._pack`'s
+  flat = np.concatenate([np.asarray(d, np.int32) for d in docs])
+  offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])])
+  ex = data._pack(flat, offsets, length, 0, ())
+  for s in range(-(-rows // shard_rows)):
+    got = np.load(prepared.shard_path(tmp_path, "train", s))
+    want = np.concatenate(prepared.rows_from_examples(ex, s * shard_rows, min((s + 1) * shard_rows, rows)),
+                          axis=None)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_bad_input_is_one_line_before_any_model_loads(setup, causal, tmp_path, monkeypatch):
+  def no_models(*a, **k):
+    raise AssertionError("a model was loaded")
+
+  monkeypatch.setattr(run_setup, "_load_models", no_models)
+  load = lambda *extra, **kw: run_setup.build_run(_config(setup, f"data.source={causal}", *extra, **kw))  # noqa: E731
+  with pytest.raises(ValueError, match=r"^data.max_length: 32 differs from 16 that .* was prepared with"):
+    load("data.max_length=32")
+  with pytest.raises(ValueError, match=r"^data.source: .* was prepared with another tokenizer"):
+    load(teacher="bert", task="causal_lm")
+  missing = tmp_path / "gone"
+  with pytest.raises(ValueError, match=r"^data.source: no such file"):
+    run_setup.build_run(_config(setup, f"data.source={missing}"))
+  # a truncated shard
+  broken = tmp_path / "broken"
+  shutil.copytree(causal, broken)
+  shard = broken / "train" / "shard-00001.npy"
+  shard.write_bytes(shard.read_bytes()[:-10])
+  before = sorted(p.name for p in broken.rglob("*"))
+  with pytest.raises(UserError, match=r"^data.source: shard .*shard-00001.npy' is truncated"):
+    run_setup.build_run(_config(setup, f"data.source={broken}"))
+  assert sorted(p.name for p in broken.rglob("*")) == before  # nothing written
+  with pytest.raises(ValueError) as err:
+    load("data.max_length=32")
+  assert "\n" not in str(err.value)
+
+
+def test_prepare_refuses_another_set_and_non_empty_dirs(setup, causal, tmp_path):
+  before = _shards(causal)
+  with pytest.raises(UserError, match=r"^OUT_DIR: .* holds data prepared with another max_length"):
+    prepare_data.prepare(_config(setup, "data.max_length=32"), str(causal))
+  assert _shards(causal) == before
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "x.txt").write_text("x")
+  with pytest.raises(UserError, match=r"^OUT_DIR: .* is not empty and holds no prepared data"):
+    prepare_data.prepare(_config(setup), str(other))
+  with pytest.raises(UserError, match=r"^data.source: .* is prepared data already"):
+    prepare_data.prepare(_config(setup, f"data.source={causal}"), str(tmp_path / "again"))
+  assert not (tmp_path / "again").exists()
