@@ -238,3 +238,56 @@ def test_prepare_refuses_another_set_and_non_empty_dirs(setup, causal, tmp_path)
   with pytest.raises(UserError, match=r"^data.source: .* is prepared data already"):
     prepare_data.prepare(_config(setup, f"data.source={causal}"), str(tmp_path / "again"))
   assert not (tmp_path / "again").exists()
+
+
+_WORKER = r'''
+import itertools, json, sys
+import numpy as np
+from distill_jax.commands import prepare_data
+from distill_jax.config import root as config_lib
+from distill_jax.data import pipeline as data, prepared
+
+out, port, pid, result = sys.argv[1:5]
+cfg = config_lib.load_config(None, sys.argv[5:] + [
+    f"distributed.coordinator=127.0.0.1:{port}", "distributed.num_processes=2", f"distributed.process_id={pid}"])
+wrote, read = [], []
+write = prepared.write_shard
+prepared.write_shard = lambda path, *a, **k: (wrote.append(f"{path.parent.name}/{path.name}"), write(path, *a, **k))[1]
+assemble = prepared.PreparedSplit.assemble
+def logged(self, indices, length):
+  read.append([int(i) for i in indices])
+  return assemble(self, indices, length)
+prepared.PreparedSplit.assemble = logged
+prepare_data.prepare(cfg, out)
+_, splits = prepared.open_prepared(out)
+batches = list(itertools.islice(data.train_batches(splits["train"], global_batch_size=8, seed=3, num_threads=0), 3))
+np.savez(result, **{f"{i}/{k}": v for i, b in enumerate(batches) for k, v in b.items()})
+with open(result + ".json", "w") as f:
+  json.dump({"wrote": wrote, "read": read}, f)
+'''
+
+
+@pytest.mark.multihost
+def test_two_processes_write_their_shards_and_read_disjoint_rows(setup, causal, tmp_path):
+  from multihost_util import free_port, run_workers
+
+  script = tmp_path / "worker.py"
+  script.write_text(_WORKER)
+  out, port = tmp_path / "two", free_port()
+  run_workers(str(script), [[out, port, p, tmp_path / f"result{p}", *_overrides(setup)] for p in range(2)],
+              local_devices=1, timeout=300)
+  logs = [json.loads((tmp_path / f"result{p}.json").read_text()) for p in range(2)]
+  shards = sorted(_shards(causal))
+  for p, log in enumerate(logs):  # each process wrote exactly its share: shards s % 2 == p of each split
+    assert sorted(log["wrote"]) == [s for s in shards if int(s[-9:-4]) % 2 == p]
+  assert _shards(out) == _shards(causal)  # together: the single-process set, byte for byte
+  _, splits = prepared.open_prepared(str(causal))
+  ex = splits["train"]
+  glob = _batches(ex, 3)
+  plan = data._Batches(ex, 8, 3, True, 0, 8)
+  hosts = [np.load(tmp_path / f"result{p}.npz") for p in range(2)]
+  for step in range(3):
+    rows = [set(log["read"][step]) for log in logs]
+    assert not rows[0] & rows[1] and rows[0] | rows[1] == set(plan.plan(0)[step].tolist())  # disjoint, covering
+    for k in glob[step]:
+      np.testing.assert_array_equal(np.concatenate([h[f"{step}/{k}"] for h in hosts]), glob[step][k])
