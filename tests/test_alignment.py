@@ -209,3 +209,45 @@ def test_shared_vocab_matches_word_starts_and_continuations(tokenizers):
   assert ("▁x", bpe.convert_tokens_to_ids("Ġx")) in pairs and ("<s>", bpe.convert_tokens_to_ids("<s>")) in pairs
   for s, t in pairs:  # same text: ▁ means a leading space
     assert s.replace("▁", " ") == bpe.decode([t])
+
+
+def _plain(text: str) -> str:
+  """Lower-cased, accent-stripped, without whitespace: what both tokenizations keep of a text."""
+  import unicodedata
+
+  text = unicodedata.normalize("NFD", text.replace("##", ""))
+  return "".join(c for c in text.lower() if not c.isspace() and not unicodedata.combining(c))
+
+
+@pytest.mark.parametrize("ls,lt", [(16, 24), (16, 12)])
+def test_aligned_causal_rows(tokenizers, ls, lt):
+  student, teacher = tokenizers["wordpiece"], tokenizers["bpe"]
+  texts = TEXTS[:6]
+  rows = alignment.aligned_causal_rows(texts, student, teacher, student_length=ls, teacher_length=lt)
+  r = len(rows["input_ids"])
+  for key in ("input_ids", "attention_mask", "labels", "loss_mask", "student_span", "student_span_end",
+              "teacher_index"):
+    assert rows[key].shape == (r, ls) and rows[key].dtype == np.int32, key
+  for key in ("teacher_input_ids", "teacher_attention_mask", "teacher_span", "teacher_span_end"):
+    assert rows[key].shape == (r, lt) and rows[key].dtype == np.int32, key
+  # The student's rows are the packed stream, as the same-tokenizer packing lays it out.
+  stream = [i for t in texts for i in student(t, add_special_tokens=False)["input_ids"] + [student.sep_token_id]]
+  np.testing.assert_array_equal(rows["input_ids"][rows["attention_mask"] == 1], stream)
+  np.testing.assert_array_equal(rows["labels"].reshape(-1)[:len(stream) - 1], stream[1:])
+  assert rows["loss_mask"].sum() == len(stream) - len(texts)
+  kept = 0
+  for b in range(r):
+    s_span, t_span = rows["student_span"][b], rows["teacher_span"][b]
+    assert set(s_span[s_span >= 0]) == set(t_span[t_span >= 0])
+    assert np.all(t_span[rows["teacher_attention_mask"][b] == 0] == -1)
+    for sid in set(s_span[s_span >= 0]):
+      s_text = student.decode(rows["input_ids"][b][s_span == sid], skip_special_tokens=True)
+      t_text = teacher.decode(rows["teacher_input_ids"][b][t_span == sid], skip_special_tokens=True)
+      assert _plain(s_text) == _plain(t_text), (s_text, t_text)
+    ends = np.flatnonzero(rows["student_span_end"][b])
+    j = rows["teacher_index"][b][ends]
+    np.testing.assert_array_equal(t_span[j], s_span[ends])
+    assert np.all(rows["teacher_span_end"][b][j] == 1)
+    kept += int((s_span >= 0).sum())
+  # Only spans cut by a row edge are lost (more of them with the shorter teacher rows).
+  assert kept >= (0.6 if lt < ls else 0.8) * len(stream)

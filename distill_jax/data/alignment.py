@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = ["Tokenized", "tokenize_with_offsets", "align_spans", "span_tensors", "align_texts", "SPAN_KEYS",
-           "shared_vocab", "check_fast"]
+           "shared_vocab", "check_fast", "aligned_causal_rows"]
 
 #: Per-row arrays :func:`span_tensors` produces (prefix ``teacher_`` marks teacher-length axes).
 SPAN_KEYS = ("student_span", "student_span_end", "teacher_index", "teacher_span", "teacher_span_end")
@@ -154,7 +154,8 @@ def align_spans(student_offsets: np.ndarray, teacher_offsets: np.ndarray) -> tup
 
 
 def span_tensors(student_span: np.ndarray, teacher_span: np.ndarray, *, student_length: int,
-                 teacher_length: int, student_start: int = 0, teacher_start: int = 0) -> dict[str, np.ndarray]:
+                 teacher_length: int, student_start: int = 0, teacher_start: int = 0,
+                 sizes: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
   """Fixed-shape span arrays of one row: windows of both aligned sequences, padded.
 
   A span counts only if all its student and all its teacher tokens lie inside the windows
@@ -167,6 +168,8 @@ def span_tensors(student_span: np.ndarray, teacher_span: np.ndarray, *, student_
     teacher_length: the teacher row length `Lt`.
     student_start: the window's first student token.
     teacher_start: the window's first teacher token.
+    sizes: optional ``(student, teacher)`` token counts per span id (``np.bincount`` of the
+      ids ``>= 0``, of equal length), precomputed once when a long stream is cut into many rows.
 
   Returns:
     int32 arrays keyed by :data:`SPAN_KEYS`: ``student_span [Ls]`` / ``teacher_span [Lt]``
@@ -179,8 +182,11 @@ def span_tensors(student_span: np.ndarray, teacher_span: np.ndarray, *, student_
   t_all = np.asarray(teacher_span, np.int64)
   s_win = s_all[student_start:student_start + student_length]
   t_win = t_all[teacher_start:teacher_start + teacher_length]
-  num = int(max(s_all.max(initial=-1), t_all.max(initial=-1))) + 1
-  total = [np.bincount(a[a >= 0], minlength=num) for a in (s_all, t_all)]
+  if sizes is None:
+    num = int(max(s_all.max(initial=-1), t_all.max(initial=-1))) + 1
+    total = [np.bincount(a[a >= 0], minlength=num) for a in (s_all, t_all)]
+  else:
+    total, num = list(sizes), len(sizes[0])
   inside = [np.bincount(a[a >= 0], minlength=num) for a in (s_win, t_win)]
   complete = (total[0] == inside[0]) & (total[1] == inside[1]) & (inside[0] > 0) & (inside[1] > 0)
   local = np.cumsum(complete) - 1  # row-local ids in order
@@ -313,3 +319,91 @@ def shared_vocab(student_tokenizer: Any, teacher_tokenizer: Any, *, student_fiel
   pairs = sorted((s_map[k], t_map[k]) for k in s_map.keys() & t_map.keys())
   arr = np.asarray(pairs, np.int32).reshape(-1, 2)
   return arr[:, 0].copy(), arr[:, 1].copy()
+
+
+def aligned_causal_rows(texts: Sequence[str], student_tokenizer: Any, teacher_tokenizer: Any, *,
+                        student_length: int, teacher_length: int, student_field: str = "student.tokenizer",
+                        teacher_field: str = "teacher.tokenizer") -> dict[str, np.ndarray]:
+  """Packed causal-LM rows of the student with the teacher's tokens of the same text beside them.
+
+  Each document is tokenized by both tokenizers and followed by each one's EOS (the two EOS
+  form a span of their own); the student's stream is cut into rows of ``student_length``
+  exactly as the same-tokenizer packing does.  Teacher row ``r`` starts at the first teacher
+  token of the first span whose student tokens all lie in student row ``r`` and holds
+  ``teacher_length`` teacher tokens; spans cut by either row's edge belong to no span.
+
+  Args:
+    texts: the documents.
+    student_tokenizer: the student's fast tokenizer (with an EOS or SEP token).
+    teacher_tokenizer: the teacher's fast tokenizer (with an EOS or SEP token).
+    student_length: student row length `Ls`.
+    teacher_length: teacher row length `Lt` (a teacher that needs more tokens for the same
+      text loses the spans past its row's end).
+    student_field: the config field of the student's tokenizer (error messages).
+    teacher_field: the config field of the teacher's tokenizer.
+
+  Returns:
+    int32 arrays with ``R`` rows: ``input_ids``, ``attention_mask``, ``labels``, ``loss_mask``
+    ``[R, Ls]`` (the student's batch contract), ``teacher_input_ids``,
+    ``teacher_attention_mask`` ``[R, Lt]``, and the :data:`SPAN_KEYS` arrays of
+    :func:`span_tensors` (``[R, Ls]`` / ``[R, Lt]``).
+  """
+  eos = []
+  for tok, field in ((student_tokenizer, student_field), (teacher_tokenizer, teacher_field)):
+    check_fast(tok, field)
+    e = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+    if e is None:
+      raise ValueError(f"{field}: causal_lm packing needs an eos_token (or sep_token) as separator")
+    eos.append(int(e))
+  s_tok = tokenize_with_offsets(student_tokenizer, texts, field=student_field)
+  t_tok = tokenize_with_offsets(teacher_tokenizer, texts, field=teacher_field)
+  streams: list[list[np.ndarray]] = [[], [], [], []]  # student ids, teacher ids, student spans, teacher spans
+  doc_end = []
+  base = 0
+  for text, s, t in zip(texts, s_tok, t_tok):
+    end = np.array([[len(text), len(text)]], np.int64)
+    s_span, t_span, num = align_spans(np.concatenate([s.offsets, end]), np.concatenate([t.offsets, end]))
+    streams[0].append(np.append(s.ids, eos[0]))
+    streams[1].append(np.append(t.ids, eos[1]))
+    streams[2].append(np.where(s_span >= 0, s_span + base, -1))
+    streams[3].append(np.where(t_span >= 0, t_span + base, -1))
+    doc_end.append(len(s.ids) + 1)
+    base += num
+  s_ids, t_ids, s_span, t_span = (np.concatenate(x) if x else np.zeros(0, np.int64) for x in streams)
+  n = len(s_ids)
+  labels = np.zeros(n, np.int64)
+  labels[:-1] = s_ids[1:]
+  loss_mask = np.ones(n, np.int64)
+  loss_mask[np.cumsum(doc_end) - 1] = 0  # an EOS's label is the next document's first token
+  rows = -(-n // student_length)
+  ls, lt = student_length, teacher_length
+  out = {k: np.zeros((rows, ls), np.int32) for k in ("input_ids", "attention_mask", "labels", "loss_mask")}
+  out.update({k: np.zeros((rows, lt), np.int32) for k in ("teacher_input_ids", "teacher_attention_mask")})
+  spans = {k: [] for k in SPAN_KEYS}
+  # The first teacher token of each span, and the last student token of each span.
+  num_spans = int(max(s_span.max(initial=-1), t_span.max(initial=-1))) + 1
+  t_first = np.full(num_spans + 1, len(t_ids), np.int64)
+  np.minimum.at(t_first, t_span[t_span >= 0], np.flatnonzero(t_span >= 0))
+  s_first = np.full(num_spans + 1, n, np.int64)
+  np.minimum.at(s_first, s_span[s_span >= 0], np.flatnonzero(s_span >= 0))
+  sizes = tuple(np.bincount(a[a >= 0], minlength=num_spans) for a in (s_span, t_span))
+  for r in range(rows):
+    lo, hi = r * ls, min((r + 1) * ls, n)
+    ids = s_span[lo:hi]
+    starts_inside = ids[(ids >= 0) & (s_first[np.maximum(ids, 0)] >= lo)]
+    t0 = int(t_first[starts_inside.min()]) if len(starts_inside) else len(t_ids)
+    out["input_ids"][r, :hi - lo] = s_ids[lo:hi]
+    out["attention_mask"][r, :hi - lo] = 1
+    out["labels"][r, :hi - lo] = labels[lo:hi]
+    out["loss_mask"][r, :hi - lo] = loss_mask[lo:hi]
+    t_hi = min(t0 + lt, len(t_ids))
+    out["teacher_input_ids"][r, :t_hi - t0] = t_ids[t0:t_hi]
+    out["teacher_attention_mask"][r, :t_hi - t0] = 1
+    row = span_tensors(s_span, t_span, student_length=ls, teacher_length=lt, student_start=lo, teacher_start=t0,
+                       sizes=sizes)
+    for k in SPAN_KEYS:
+      spans[k].append(row[k])
+  for k, v in spans.items():
+    width = lt if k in ("teacher_span", "teacher_span_end") else ls
+    out[k] = np.stack(v).astype(np.int32) if v else np.zeros((0, width), np.int32)
+  return out
