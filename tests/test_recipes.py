@@ -18,6 +18,7 @@ import os
 import pytest
 
 import tiny
+from distill_jax.objective import terms as terms_lib
 from distill_jax.training import run_dir as run_dir_lib
 from distill_jax.training import loop as trainer
 from distill_jax.config.root import load_config
@@ -137,10 +138,8 @@ def _check_run(cfg, result, *, family=None):
 
 
 def _term_names(cfg):
-  from distill_jax.objective import objective
-
   terms = cfg.objective_terms()
-  validated = objective.validate_terms(terms)
+  validated = terms_lib.validate_terms(terms)
   return [{**t, "name": v.name} for t, v in zip(terms, validated)]
 
 

@@ -8,8 +8,8 @@ strings override fields: ``load_config("configs/minilm.yaml", ["objective.terms[
 Pydantic checks every value (field constraints; validators for cross-field rules) and each
 problem is one :class:`ConfigError` line naming the dotted field, e.g.
 ``config: objective.terms[1].temperature: Input should be greater than 0, got -1.0``.
-:class:`TermConfig` is also ``distill_jax.objective.objective.Term``, whose registry ``LOSSES`` says which
-options each loss takes. Importing this module imports no jax (checking loss names does).
+:class:`TermConfig` and the loss registry ``LOSSES`` (which options each loss takes) live in
+:mod:`distill_jax.objective.terms`, the one home of a loss term.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from omegaconf.errors import ConfigIndexError, OmegaConfBaseException
 from pydantic import ValidationError, model_validator
 from pydantic_core import ArgsKwargs
 
-from distill_jax.objective.terms import ObjectiveConfig, OnPolicyConfig, ScheduleConfig, TermConfig, losses_registry
+from distill_jax.objective.terms import LOSSES, ObjectiveConfig, OnPolicyConfig, ScheduleConfig, TermConfig
 from distill_jax.schema import (PKG_PREFIX, SELF_TEACHER, ConfigError, Section, adapter, describe, error_line,
                                        fail, field_of, invalid, section)
 from distill_jax.config.sections import (CacheConfig, CheckpointConfig, DataConfig, DistributedConfig, EvalConfig, ExportConfig,
@@ -101,13 +101,12 @@ class Config(Section):
     known(self.cache.teacher, "cache.teacher")
     if not self.objective.terms:
       raise invalid("objective.terms must list at least one term, e.g. '- {loss: forward_kl}'")
-    losses = losses_registry()
-    sparse = ", ".join(n for n, spec in losses.items() if spec.inputs == "sparse")
+    sparse = ", ".join(n for n, spec in LOSSES.items() if spec.inputs == "sparse")
     for i, term in enumerate(self.objective.terms):
       path = f"objective.terms[{i}].teacher"
       for j, name in enumerate(term.teachers):
         known(name, f"{path}[{j}]" if isinstance(term.teacher, tuple) else path)
-      spec = losses[term.loss]
+      spec = LOSSES[term.loss]
       if term.teacher is None and len(names) > 1 and "teacher" in spec.options and not spec.multi_teacher:
         raise invalid(f"{path} is required when there are several teachers ({allowed})")
       read = term.teachers or ((names[0],) if "teacher" in spec.options else ())

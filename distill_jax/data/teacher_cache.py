@@ -34,6 +34,7 @@ import os
 import pathlib
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -42,6 +43,7 @@ from distill_jax.data import pipeline as data
 from distill_jax.errors import UserError
 from distill_jax.models import checkpoints
 from distill_jax.models.outputs import ModelOutputs
+from distill_jax.objective.objective import CachedTeacher
 
 MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
@@ -111,8 +113,8 @@ def _num_shards(rows: int, shard_rows: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class TeacherCache:
-  """A complete cache directory, opened for training: the teacher as the objective sees it.
+class TeacherCache(CachedTeacher):
+  """A complete cache directory, opened for training: the objective's `CachedTeacher`.
 
   Attributes:
     name: the teacher's name in the config.
@@ -138,13 +140,21 @@ class TeacherCache:
   def top_k(self) -> int:
     return self.format.top_k
 
+  @property
+  def batch_key(self) -> str:
+    return _BATCH_KEY.format(self.name)
+
+  def decode(self, rows: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(ids, logprobs, log_tail)`` of this cache's packed rows ``uint8 [B, L, bytes]`` (jittable)."""
+    return cache_codec.decode(self.format, rows)
+
   def apply(self, params: Any, batch: Mapping[str, Any], *, outputs=("logits",), train=False, rng=None,
             pooling=None) -> Any:
     """Dense teacher logits rebuilt from the batch's packed rows, for evaluation: the kept
     log-probabilities, and the tail mass spread evenly over the other ``V - k`` tokens
     (top-1 agreement is exact; KL to it is the KL to that completion of the top-k)."""
     del params, outputs, train, rng, pooling
-    ids, logprobs, log_tail = cache_codec.decode(self.format, jnp.asarray(batch[batch_key(self.name)]))
+    ids, logprobs, log_tail = self.decode(jnp.asarray(batch[self.batch_key]))
     others = max(self.vocab_size - self.top_k, 1)
     fill = jnp.broadcast_to((log_tail - np.log(others))[..., None], ids.shape[:-1] + (self.vocab_size,))
     logits = jnp.put_along_axis(fill, ids, logprobs, axis=-1, inplace=False)

@@ -42,6 +42,7 @@ from distill_jax.losses._sparse import chunked_sparse_generalized_jsd
 from distill_jax.losses._sparse import sparse_forward_kl
 from distill_jax.losses._sparse import sparse_generalized_jsd
 from distill_jax.losses._sparse import sparse_reverse_kl
+from distill_jax.losses._sparse import teacher_top_k
 from distill_jax.losses._vocab import chunked_forward_kl
 from distill_jax.losses._vocab import chunked_generalized_jsd
 
@@ -74,6 +75,7 @@ __all__ = [
     "sparse_forward_kl",
     "sparse_generalized_jsd",
     "sparse_reverse_kl",
+    "teacher_top_k",
     "token_relation",
     "total_variation",
     "uld",

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Callable
 
 import jax
@@ -413,3 +414,35 @@ def chunked_sparse_generalized_jsd(
       _jsd(beta, temperature, normalized),
       student_hidden, student_unembed, teacher_ids, teacher_logprobs, teacher_log_tail,
       where=where, chunk_size=chunk_size, student_bias=student_bias)
+
+
+def teacher_top_k(logits_NxV: ArrayLike, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Exact top-k of ``log_softmax(logits)`` in float32, sorted by id, with the tail mass.
+
+  Args:
+    logits_NxV: `[..., V]` teacher logits (any float dtype).
+    top_k: entries to keep k, a Python integer in ``[1, V]``; ties take distinct ids.
+
+  Returns:
+    ``(ids_NxK, logprobs_NxK, log_tail_N)``: `[..., k]` int32 ids in ascending order, their
+    `[..., k]` float32 log-probabilities and the `[...]` float32
+    ``logsumexp(logits outside the top-k) - logsumexp(logits)`` (``-inf`` when k = V).
+  """
+  logits_NxV = jnp.asarray(logits_NxV).astype(jnp.float32)
+  vocab = logits_NxV.shape[-1]
+  _check_top_k(top_k, vocab)
+  logprobs_NxV = jax.nn.log_softmax(logits_NxV, axis=-1)
+  vals_NxK, ids_NxK = jax.lax.top_k(logprobs_NxV, top_k)
+  order_NxK = jnp.argsort(ids_NxK, axis=-1)
+  ids_NxK = jnp.take_along_axis(ids_NxK, order_NxK, axis=-1).astype(jnp.int32)
+  vals_NxK = jnp.take_along_axis(vals_NxK, order_NxK, axis=-1)
+  kept_NxV = jnp.put_along_axis(
+      jnp.zeros(logits_NxV.shape, bool), ids_NxK, True, axis=-1, inplace=False)
+  outside_N = jax.nn.logsumexp(jnp.where(kept_NxV, -jnp.inf, logits_NxV), axis=-1)
+  log_tail_N = outside_N - jax.nn.logsumexp(logits_NxV, axis=-1)
+  return ids_NxK, vals_NxK, log_tail_N
+
+
+def _check_top_k(top_k: object, vocab: int) -> None:
+  if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or not 1 <= top_k <= vocab:
+    raise ValueError(f"top_k: {top_k!r} must be an integer in [1, V={vocab}]")
