@@ -26,7 +26,7 @@ from omegaconf.errors import ConfigIndexError, OmegaConfBaseException
 from pydantic import ValidationError, model_validator
 from pydantic_core import ArgsKwargs
 
-from distill_jax.objective.terms import LOSSES, ObjectiveConfig, OnPolicyConfig, ScheduleConfig, TermConfig
+from distill_jax.objective.terms import LOSSES, TERM_SHAPE_FIELDS, ObjectiveConfig, OnPolicyConfig, ScheduleConfig, TermConfig
 from distill_jax.schema import (PKG_PREFIX, SELF_TEACHER, ConfigError, Section, adapter, describe, error_line,
                                        fail, field_of, invalid, section)
 from distill_jax.config.sections import (CacheConfig, CheckpointConfig, DataConfig, DistributedConfig, EvalConfig, ExportConfig,
@@ -287,8 +287,7 @@ SHAPE_KEYS: tuple[str, ...] = (
     "teachers.*.path", "teachers.*.task", "teachers.*.num_labels",
     "student.init", "student.teacher", "student.path", "student.task", "student.num_layers",
     "student.layers", "student.hidden_size", "student.config", "student.num_labels", "student.param_dtype",
-    "objective.terms[*].loss", "objective.terms[*].name", "objective.terms[*].teacher",
-    "objective.terms[*].layers", "objective.terms[*].projection", "objective.terms[*].include_embeddings",
+    *(f"objective.terms[*].{field}" for field in TERM_SHAPE_FIELDS),
     "optimizer.name", "optimizer.grad_accum_steps",
 )
 _SHAPE_PATTERNS = tuple(re.compile(re.escape(k).replace(r"\*", r"[^.\[\]]+") + r"(?:$|[.\[])") for k in SHAPE_KEYS)

@@ -182,6 +182,10 @@ def _teacher_names(value: Any) -> Any:
   raise invalid(f"must be a teacher name or a non-empty list of names, got {describe(value)}")
 
 
+# The term fields that shape a checkpoint (projection params, metric names): changing one
+# makes a run's checkpoint incompatible (`config.root.SHAPE_KEYS`).
+TERM_SHAPE_FIELDS = ("loss", "name", "teacher", "layers", "projection", "include_embeddings")
+
 # What an unset option of a term means to the losses that take it (the one place defaults live).
 TERM_DEFAULTS = {"layers": "last", "projection": "none", "temperature": 1.0, "positions": "all", "beta": 0.5,
                   "normalized": False, "skew": 0.1, "label_smoothing": 0.0, "kind": "cosine", "pooling": "mean",
