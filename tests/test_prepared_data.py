@@ -291,3 +291,27 @@ def test_two_processes_write_their_shards_and_read_disjoint_rows(setup, causal, 
     assert not rows[0] & rows[1] and rows[0] | rows[1] == set(plan.plan(0)[step].tolist())  # disjoint, covering
     for k in glob[step]:
       np.testing.assert_array_equal(np.concatenate([h[f"{step}/{k}"] for h in hosts]), glob[step][k])
+
+
+def _losses(run_dir):
+  rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+  return [(r["step"], r["train/loss"], r["train/grad_norm"]) for r in rows if "train/loss" in r]
+
+
+@pytest.mark.slow
+def test_train_from_prepared_equals_in_memory_and_resumes_bit_identical(setup, causal, tmp_path):
+  from distill_jax.training import loop
+
+  run = lambda name, *extra: loop.train(_config(  # noqa: E731
+      setup, "student.init=from_teacher", "objective.terms=[{loss: forward_kl, temperature: 2.0}]",
+      "optimizer.schedule=constant", "optimizer.warmup_steps=0", "train.log_every=1", "train.eval_batches=1",
+      "checkpoint.every=2", "checkpoint.async_save=false", f"train.run_dir={tmp_path / name}", *extra))
+  run("memory", "train.steps=4")
+  run("prepared", "train.steps=4", f"data.source={causal}")
+  run("resumed", "train.steps=2", f"data.source={causal}")
+  resumed = run("resumed", "train.steps=4", f"data.source={causal}")
+  assert resumed.resumed_from == 2
+  want = _losses(tmp_path / "memory")
+  assert [s for s, *_ in want] == [1, 2, 3, 4]
+  assert _losses(tmp_path / "prepared") == want
+  assert _losses(tmp_path / "resumed") == want
