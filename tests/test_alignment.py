@@ -251,3 +251,19 @@ def test_aligned_causal_rows(tokenizers, ls, lt):
     kept += int((s_span >= 0).sum())
   # Only spans cut by a row edge are lost (more of them with the shorter teacher rows).
   assert kept >= (0.6 if lt < ls else 0.8) * len(stream)
+
+
+def test_aligned_examples_batch_through_the_pipeline(tokenizers):
+  from distill_jax.data import pipeline
+
+  student, teacher = tokenizers["wordpiece"], tokenizers["bpe"]
+  rows = alignment.aligned_causal_rows(TEXTS, student, teacher, student_length=16, teacher_length=20)
+  ex = alignment.aligned_examples(TEXTS, student, teacher, student_length=16, teacher_length=20)
+  batch = pipeline.assemble(ex, [2, -1, 0], 16)
+  for key, arr in rows.items():
+    np.testing.assert_array_equal(batch[key][[0, 2]], arr[[2, 0]], err_msg=key)
+  assert np.all(batch["attention_mask"][1] == 0) and np.all(batch["teacher_attention_mask"][1] == 0)
+  assert np.all(batch["student_span"][1] == -1) and np.all(batch["teacher_span"][1] == -1)
+  it = iter(pipeline.train_batches(ex, global_batch_size=2, seed=0))
+  first = next(it)
+  assert first["teacher_input_ids"].shape == (2, 20) and first["teacher_index"].shape == (2, 16)

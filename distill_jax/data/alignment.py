@@ -31,8 +31,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from distill_jax.data.pipeline import Examples
+
 __all__ = ["Tokenized", "tokenize_with_offsets", "align_spans", "span_tensors", "align_texts", "SPAN_KEYS",
-           "shared_vocab", "check_fast", "aligned_causal_rows"]
+           "shared_vocab", "check_fast", "aligned_causal_rows",
+           "aligned_examples"]
 
 #: Per-row arrays :func:`span_tensors` produces (prefix ``teacher_`` marks teacher-length axes).
 SPAN_KEYS = ("student_span", "student_span_end", "teacher_index", "teacher_span", "teacher_span_end")
@@ -407,3 +410,30 @@ def aligned_causal_rows(texts: Sequence[str], student_tokenizer: Any, teacher_to
     width = lt if k in ("teacher_span", "teacher_span_end") else ls
     out[k] = np.stack(v).astype(np.int32) if v else np.zeros((0, width), np.int32)
   return out
+
+
+def aligned_examples(texts: Sequence[str], student_tokenizer: Any, teacher_tokenizer: Any, *, student_length: int,
+                     teacher_length: int, student_field: str = "student.tokenizer",
+                     teacher_field: str = "teacher.tokenizer") -> Examples:
+  """:func:`aligned_causal_rows` as pipeline ``Examples``: the student's rows as usual, the
+  teacher's ids and the span tensors as ``row_arrays`` that every batch carries beside them.
+
+  Args:
+    texts, student_tokenizer, teacher_tokenizer, student_length, teacher_length, student_field,
+      teacher_field: as for :func:`aligned_causal_rows`.
+
+  Returns:
+    causal_lm ``Examples`` (one bucket, ``student_length``) whose batches hold, besides the
+    student's contract, ``teacher_input_ids``, ``teacher_attention_mask`` and :data:`SPAN_KEYS`.
+  """
+  rows = aligned_causal_rows(texts, student_tokenizer, teacher_tokenizer, student_length=student_length,
+                             teacher_length=teacher_length, student_field=student_field,
+                             teacher_field=teacher_field)
+  lengths = rows["attention_mask"].sum(axis=1).astype(np.int32)
+  pad = next((i for i in (student_tokenizer.pad_token_id, student_tokenizer.eos_token_id) if i is not None), 0)
+  return Examples(task="causal_lm", max_length=student_length,
+                  offsets=np.arange(len(lengths), dtype=np.int64) * student_length, lengths=lengths,
+                  tokens={k: rows[k].reshape(-1) for k in ("input_ids", "labels", "loss_mask")}, labels=None,
+                  buckets=(student_length,), pad_id=int(pad),
+                  special_ids=tuple(sorted({int(i) for i in student_tokenizer.all_special_ids})),
+                  row_arrays={k: rows[k] for k in ("teacher_input_ids", "teacher_attention_mask") + SPAN_KEYS})

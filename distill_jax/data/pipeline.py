@@ -76,6 +76,8 @@ class Examples:
     special_ids: ids of the tokenizer's special tokens (never masked, no MLM loss).
     num_truncated: examples cut to ``max_length``.
     label_names: class names by label id, when the labels were strings or a ``ClassLabel``.
+    row_arrays: ``[N, ...]`` int32 arrays copied whole into each batch row (the teacher's
+      ids and the span tensors of `distill_jax.data.alignment.aligned_examples`), or ``None``.
   """
 
   task: str
@@ -89,6 +91,7 @@ class Examples:
   special_ids: tuple[int, ...]
   num_truncated: int = 0
   label_names: Optional[tuple[str, ...]] = None
+  row_arrays: Optional[dict[str, np.ndarray]] = None  # [N, ...] per-example fixed-shape arrays (cross-tokenizer)
 
   def __len__(self) -> int:
     return len(self.lengths)
@@ -367,6 +370,9 @@ def assemble(examples: Examples, indices: Sequence[int], length: int) -> dict[st
   if examples.labels is not None:
     idx = np.asarray(indices)
     out["labels"] = np.where(idx >= 0, examples.labels[np.maximum(idx, 0)], 0).astype(np.int32)
+  for key, arr in (examples.row_arrays or {}).items():  # the teacher's side of a cross-tokenizer row
+    out[key] = np.where((np.asarray(indices) >= 0).reshape((b,) + (1,) * (arr.ndim - 1)),
+                        arr[np.maximum(np.asarray(indices), 0)], -1 if key.endswith("_span") else 0).astype(np.int32)
   return out
 
 
