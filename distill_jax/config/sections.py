@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BeforeValidator, Field, StrictFloat, model_validator
 
+from distill_jax.models.layers import ATTENTION_IMPLS, REMAT_POLICIES
 from distill_jax.schema import (SELF_TEACHER, Bool, DType, Fraction, Int, NonNegFloat, NonNegInt, PosFloat,
                                        PosInt, Section, Task, Unit, UnitOpen, field_of, invalid, section)
 
@@ -68,7 +69,10 @@ class StudentConfig(Section):
   dtype: DType = "float32"
   param_dtype: DType = "float32"  # of the trained weights (keep float32 for mixed precision)
   seed: Optional[Int] = None  # of random initialization [train.seed]
-  remat: Literal["none", "full", "dots"] = "none"  # what the layer scan keeps for backward: all, nothing, matmuls
+  # what the layer scan keeps for backward (distill_jax.models.layers.REMAT_POLICIES): none (all), full
+  # (nothing), dots (matmuls), save_block_outputs (attention and MLP outputs), save_qkv_block_outputs
+  # (those and q, k, v), offload_block_outputs (attention and MLP outputs in pinned host memory)
+  remat: Literal[REMAT_POLICIES] = "none"
 
   @model_validator(mode="after")
   def _rules(self):
@@ -198,6 +202,9 @@ class TrainConfig(Section):
   eval_batches: NonNegInt = 0  # validation batches per evaluation (0: all)
   max_nonfinite_steps: PosInt = 10  # consecutive skipped non-finite steps before stopping with an error
   precision: Literal["default", "high", "highest"] = "default"  # jax_default_matmul_precision
+  # attention kernel of every model (distill_jax.models.layers.ATTENTION_IMPLS): auto (splash on TPU, cuDNN
+  # on GPU, else XLA), xla, cudnn (GPU), splash (TPU); what a kernel can't do (maps, dropout) falls back, logged
+  attention: Literal[ATTENTION_IMPLS] = "auto"
 
   @model_validator(mode="after")
   def _rules(self):

@@ -89,6 +89,13 @@ def _norm(spec: DecoderSpec, dtype: Any, name: str, axis_name: str = "embed") ->
   return layers.RMSNorm(spec.norm_eps, offset=spec.is_gemma, dtype=dtype, axis_name=axis_name, name=name)
 
 
+# Logical axes of the layers' activations (`layers.ACTIVATION_RULES` maps them onto the mesh).
+_HIDDEN_AXES = ("batch", "length", "embed")
+_QKV_AXES = ("batch", "length", "heads", "head_dim")
+_KV_AXES = ("batch", "length", "kv_heads", "head_dim")
+_MLP_AXES = ("batch", "length", "mlp")
+
+
 class _Attention(nn.Module):
   """Self-attention of one layer (q/k/v, optional q/k norm, RoPE, KV cache, output projection)."""
 
@@ -97,10 +104,11 @@ class _Attention(nn.Module):
   want: frozenset
   deterministic: bool
   attention_impl: Optional[str]
+  mesh: Optional[Any] = None
 
   @nn.compact
   def __call__(self, h_BxTxH, xs, ctx, cache):
-    spec, dtype = self.spec, self.dtype
+    spec, dtype, mesh = self.spec, self.dtype, self.mesh
     n, kv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
     b, t = h_BxTxH.shape[:2]
     q_BxTxNxD = layers.dense((n, d), ("embed", "heads", "head_dim"), use_bias=spec.qkv_bias, dtype=dtype,
@@ -116,6 +124,9 @@ class _Attention(nn.Module):
       cos_BxTxD, sin_BxTxD = layers.rope_tables(ctx["positions"], xs["inv_freq"])
       q_BxTxNxD = layers.apply_rope(q_BxTxNxD, cos_BxTxD, sin_BxTxD)
       k_BxTxKxD = layers.apply_rope(k_BxTxKxD, cos_BxTxD, sin_BxTxD)
+    q_BxTxNxD = layers.name_checkpoint(layers.constrain(q_BxTxNxD, _QKV_AXES, mesh), "query_proj")
+    k_BxTxKxD = layers.name_checkpoint(layers.constrain(k_BxTxKxD, _KV_AXES, mesh), "key_proj")
+    v_BxTxKxD = layers.name_checkpoint(layers.constrain(v_BxTxKxD, _KV_AXES, mesh), "value_proj")
     ys = {"values": v_BxTxKxD.reshape(b, t, kv * d)} if "values" in self.want else {}
     keys_BxSxKxD, values_BxSxKxD = k_BxTxKxD, v_BxTxKxD
     if cache is not None:  # write this step's keys/values at slots cache_index..., attend over all slots
@@ -126,9 +137,19 @@ class _Attention(nn.Module):
       values_BxSxKxD = cache["value"][xs["layer"]].astype(dtype)
     mask_Bx1xTxS = _attention_mask(ctx["key_mask"], t, xs["window"], ctx["cache_index"])
     dropout = not self.deterministic and spec.attention_dropout > 0
+    splash_mask = None
+    if cache is None:  # the kernels' structured mask: causal, padding, this layer's window of the model's
+      windows = tuple(sorted(set(spec.layer_windows), key=lambda w: (w is None, w or 0)))
+      window_index = None
+      if len(windows) > 1:
+        window_values = jnp.asarray([GLOBAL_WINDOW if w is None else w for w in windows], jnp.int32)
+        window_index = jnp.argmax(window_values == xs["window"])
+      splash_mask = layers.SplashMask(ctx["key_mask"], causal=True, windows=windows, window_index=window_index)
     out_BxTxNxD, scores, probs = layers.attend(
         q_BxTxNxD, keys_BxSxKxD, values_BxSxKxD, mask_Bx1xTxS, scale=spec.attention_scale,
-        softcap=spec.attn_softcap, explicit=bool(self.want & MAPS) or dropout, implementation=self.attention_impl)
+        softcap=spec.attn_softcap, explicit=bool(self.want & MAPS) or dropout, implementation=self.attention_impl,
+        splash_mask=splash_mask, mesh=mesh)
+    out_BxTxNxD = layers.constrain(out_BxTxNxD, _QKV_AXES, mesh)
     if dropout:  # dropout on the probabilities, as transformers does
       out_BxTxNxD = _weighted_values(nn.Dropout(spec.attention_dropout)(probs, deterministic=False), values_BxSxKxD)
     if "attention_probs" in self.want:
@@ -137,25 +158,31 @@ class _Attention(nn.Module):
       ys["scores"] = scores
     out_BxTxH = layers.dense(spec.hidden_size, ("heads", "head_dim", "embed"), use_bias=spec.out_bias, dtype=dtype,
                              name="o", in_axes=(-2, -1))(out_BxTxNxD)
+    out_BxTxH = layers.name_checkpoint(layers.constrain(out_BxTxH, _HIDDEN_AXES, mesh), "attn_out")
     return out_BxTxH, cache, ys
 
 
 class _Mlp(nn.Module):
   spec: DecoderSpec
   dtype: Any
+  mesh: Optional[Any] = None
 
   @nn.compact
   def __call__(self, h_BxTxH):
-    spec, dtype = self.spec, self.dtype
+    spec, dtype, mesh = self.spec, self.dtype, self.mesh
     act = layers.activation(spec.activation, "config.activation")
     f = spec.intermediate_size
     if spec.is_gpt2:
       up_BxTxF = layers.dense(f, ("embed", "mlp"), use_bias=True, dtype=dtype, name="fc")(h_BxTxH)
-      return layers.dense(spec.hidden_size, ("mlp", "embed"), use_bias=True, dtype=dtype, name="proj")(act(up_BxTxF))
-    gate_BxTxF = layers.dense(f, ("embed", "mlp"), use_bias=spec.mlp_bias, dtype=dtype, name="gate")(h_BxTxH)
-    up_BxTxF = layers.dense(f, ("embed", "mlp"), use_bias=spec.mlp_bias, dtype=dtype, name="up")(h_BxTxH)
-    return layers.dense(spec.hidden_size, ("mlp", "embed"), use_bias=spec.mlp_bias, dtype=dtype,
-                        name="down")(act(gate_BxTxF) * up_BxTxF)
+      inner_BxTxF = act(layers.constrain(up_BxTxF, _MLP_AXES, mesh))
+      out_BxTxH = layers.dense(spec.hidden_size, ("mlp", "embed"), use_bias=True, dtype=dtype, name="proj")(inner_BxTxF)
+    else:
+      gate_BxTxF = layers.dense(f, ("embed", "mlp"), use_bias=spec.mlp_bias, dtype=dtype, name="gate")(h_BxTxH)
+      up_BxTxF = layers.dense(f, ("embed", "mlp"), use_bias=spec.mlp_bias, dtype=dtype, name="up")(h_BxTxH)
+      inner_BxTxF = layers.constrain(act(gate_BxTxF) * up_BxTxF, _MLP_AXES, mesh)
+      out_BxTxH = layers.dense(spec.hidden_size, ("mlp", "embed"), use_bias=spec.mlp_bias, dtype=dtype,
+                               name="down")(inner_BxTxF)
+    return layers.name_checkpoint(layers.constrain(out_BxTxH, _HIDDEN_AXES, mesh), "mlp_out")
 
 
 class _Layer(nn.Module):
@@ -171,22 +198,24 @@ class _Layer(nn.Module):
   want: frozenset
   deterministic: bool
   attention_impl: Optional[str]
+  mesh: Optional[Any] = None
 
   @nn.compact
   def __call__(self, carry, xs, ctx):
     x_BxTxH, cache = carry
-    spec, dtype = self.spec, self.dtype
+    spec, dtype, mesh = self.spec, self.dtype, self.mesh
     residual_dropout = nn.Dropout(spec.residual_dropout, deterministic=self.deterministic)
+    x_BxTxH = layers.constrain(x_BxTxH, _HIDDEN_AXES, mesh)
     h_BxTxH = _norm(spec, dtype, "attn_norm")(x_BxTxH)
-    h_BxTxH, cache, ys = _Attention(spec, dtype, self.want, self.deterministic, self.attention_impl,
+    h_BxTxH, cache, ys = _Attention(spec, dtype, self.want, self.deterministic, self.attention_impl, mesh,
                                     name="attn")(h_BxTxH, xs, ctx, cache)
     if spec.sandwich_norms:
       h_BxTxH = _norm(spec, dtype, "post_attn_norm")(h_BxTxH)
     x_BxTxH = x_BxTxH + residual_dropout(h_BxTxH)
-    h_BxTxH = _Mlp(spec, dtype, name="mlp")(_norm(spec, dtype, "mlp_norm")(x_BxTxH))
+    h_BxTxH = _Mlp(spec, dtype, mesh, name="mlp")(_norm(spec, dtype, "mlp_norm")(x_BxTxH))
     if spec.sandwich_norms:
       h_BxTxH = _norm(spec, dtype, "post_mlp_norm")(h_BxTxH)
-    x_BxTxH = x_BxTxH + residual_dropout(h_BxTxH)
+    x_BxTxH = layers.constrain(x_BxTxH + residual_dropout(h_BxTxH), _HIDDEN_AXES, mesh)
     if "hidden_states" in self.want:
       ys["hidden"] = x_BxTxH
     return (x_BxTxH, cache), ys
@@ -204,8 +233,10 @@ class Decoder(nn.Module):
     spec: the family's `DecoderSpec`.
     task: "causal_lm" (with the LM head) or "encoder" (the base model).
     dtype: compute dtype (params may be float32 or bf16; norms and softmax run in float32).
-    remat: "none" | "full" | "dots": what the layer scan saves for the backward pass.
-    attention_impl: `implementation` of `jax.nn.dot_product_attention` (None: XLA's; "cudnn": cuDNN flash on GPU).
+    remat: one of `layers.REMAT_POLICIES`: what the layer scan saves for the backward pass.
+    attention_impl: one of `layers.MODULE_ATTENTION` (None: XLA's); see `layers.attend`.
+    mesh: a ``(data, fsdp, tensor)`` mesh: the layers' activations carry sharding constraints
+      (`layers.constrain`) and splash runs under `shard_map`; None (one device, pmap): no constraints.
   """
 
   spec: DecoderSpec
@@ -213,6 +244,7 @@ class Decoder(nn.Module):
   dtype: Any = jnp.float32
   remat: str = "none"
   attention_impl: Optional[str] = None
+  mesh: Optional[Any] = None
 
   @nn.compact
   def __call__(self, input_ids_BxT, attention_mask_BxT, position_ids_BxT=None, token_type_ids_BxT=None, *,
@@ -270,7 +302,7 @@ class Decoder(nn.Module):
       xs["inv_freq"] = _layer_inv_freq(spec, position_ids_BxT)
     ctx = {"positions": position_ids_BxT, "key_mask": attention_mask_BxT, "cache_index": cache_index}
     stack = layers.scan_layers(_Layer, spec.num_layers, self.remat, in_axes=(0, nn.broadcast))
-    (out_BxTxH, cache), ys = stack(spec, dtype, want, deterministic, self.attention_impl, name="layers")(
+    (out_BxTxH, cache), ys = stack(spec, dtype, want, deterministic, self.attention_impl, self.mesh, name="layers")(
         (x_BxTxH, cache), xs, ctx)
     last_BxTxH = _norm(spec, dtype, "final_norm")(out_BxTxH)
     result = {"last_hidden": last_BxTxH}

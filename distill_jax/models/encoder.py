@@ -68,6 +68,12 @@ def roberta_position_ids(input_ids_BxT: jax.Array, pad_token_id: int) -> jax.Arr
   return jnp.cumsum(real_BxT, axis=1) * real_BxT + pad_token_id
 
 
+# Logical axes of the layers' activations (`layers.ACTIVATION_RULES` maps them onto the mesh).
+_HIDDEN_AXES = ("batch", "length", "embed")
+_QKV_AXES = ("batch", "length", "heads", "head_dim")
+_MLP_AXES = ("batch", "length", "mlp")
+
+
 class _Layer(nn.Module):
   """One post-LayerNorm transformer layer (the scanned block): ``(h, mask) -> (h, intermediates)``."""
 
@@ -76,36 +82,45 @@ class _Layer(nn.Module):
   attention_impl: Optional[str]
   want: frozenset
   deterministic: bool
+  mesh: Optional[Any] = None
 
   @nn.compact
-  def __call__(self, h_BxTxH: jax.Array, mask_Bx1xTxT: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    s = self.spec
+  def __call__(self, h_BxTxH: jax.Array, mask_Bx1xTxT: jax.Array,
+               key_mask_BxT: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    s, mesh = self.spec, self.mesh
     std = s.initializer_range
     n, d = s.num_heads, s.head_dim
     qkv_axes = ("embed", "heads", "head_dim")
     q_BxTxNxD = layers.dense((n, d), qkv_axes, use_bias=True, dtype=self.dtype, name="query", stddev=std)(h_BxTxH)
     k_BxTxNxD = layers.dense((n, d), qkv_axes, use_bias=True, dtype=self.dtype, name="key", stddev=std)(h_BxTxH)
     v_BxTxNxD = layers.dense((n, d), qkv_axes, use_bias=True, dtype=self.dtype, name="value", stddev=std)(h_BxTxH)
+    q_BxTxNxD = layers.name_checkpoint(layers.constrain(q_BxTxNxD, _QKV_AXES, mesh), "query_proj")
+    k_BxTxNxD = layers.name_checkpoint(layers.constrain(k_BxTxNxD, _QKV_AXES, mesh), "key_proj")
+    v_BxTxNxD = layers.name_checkpoint(layers.constrain(v_BxTxNxD, _QKV_AXES, mesh), "value_proj")
     drop_probs = not self.deterministic and s.attention_probs_dropout_prob > 0
     explicit = drop_probs or bool(self.want & {"attention_probs", "attention_scores"})
     out_BxTxNxD, scores_BxNxTxT, probs_BxNxTxT = layers.attend(
         q_BxTxNxD, k_BxTxNxD, v_BxTxNxD, mask_Bx1xTxT, scale=d ** -0.5, explicit=explicit,
-        implementation=self.attention_impl)
+        implementation=self.attention_impl, splash_mask=layers.SplashMask(key_mask_BxT, causal=False), mesh=mesh)
     if drop_probs:
       dropped_BxNxTxT = nn.Dropout(s.attention_probs_dropout_prob)(probs_BxNxTxT, deterministic=False)
       out_BxTxNxD = jnp.einsum("bnts,bsnd->btnd", dropped_BxNxTxT, v_BxTxNxD)
+    out_BxTxNxD = layers.constrain(out_BxTxNxD, _QKV_AXES, mesh)
     a_BxTxH = layers.dense(s.hidden_size, ("heads", "head_dim", "embed"), use_bias=True, dtype=self.dtype,
                            name="attention_out", stddev=std, in_axes=(-2, -1))(out_BxTxNxD)
+    a_BxTxH = layers.name_checkpoint(layers.constrain(a_BxTxH, _HIDDEN_AXES, mesh), "attn_out")
     if s.family != "distilbert":
       a_BxTxH = nn.Dropout(s.hidden_dropout_prob)(a_BxTxH, deterministic=self.deterministic)
     h_BxTxH = layers.LayerNorm(s.layer_norm_eps, self.dtype, name="attention_norm")(a_BxTxH + h_BxTxH)
     f_BxTxF = layers.dense(s.intermediate_size, ("embed", "mlp"), use_bias=True, dtype=self.dtype, name="mlp_in",
                            stddev=std)(h_BxTxH)
-    f_BxTxF = layers.activation(s.hidden_act, "config.hidden_act")(f_BxTxF)
+    f_BxTxF = layers.activation(s.hidden_act, "config.hidden_act")(layers.constrain(f_BxTxF, _MLP_AXES, mesh))
     f_BxTxH = layers.dense(s.hidden_size, ("mlp", "embed"), use_bias=True, dtype=self.dtype, name="mlp_out",
                            stddev=std)(f_BxTxF)
+    f_BxTxH = layers.name_checkpoint(layers.constrain(f_BxTxH, _HIDDEN_AXES, mesh), "mlp_out")
     f_BxTxH = nn.Dropout(s.hidden_dropout_prob)(f_BxTxH, deterministic=self.deterministic)
     h_BxTxH = layers.LayerNorm(s.layer_norm_eps, self.dtype, name="mlp_norm")(f_BxTxH + h_BxTxH)
+    h_BxTxH = layers.constrain(h_BxTxH, _HIDDEN_AXES, mesh)
     ys = {}
     if "hidden_states" in self.want:
       ys["hidden_states"] = h_BxTxH
@@ -125,8 +140,9 @@ class Encoder(nn.Module):
     spec: the family's numbers (`spec_from_hf`).
     task: `"masked_lm"`, `"sequence_classification"` or `"encoder"` (the base model).
     dtype: computation dtype (LayerNorm statistics and softmax are float32; logits too).
-    remat: `"none"`, `"full"` or `"dots"` for the layer scan.
-    attention_impl: `implementation` of `jax.nn.dot_product_attention` (None: XLA's; "cudnn": cuDNN flash on GPU).
+    remat: one of `layers.REMAT_POLICIES` for the layer scan.
+    attention_impl: one of `layers.MODULE_ATTENTION` (None: XLA's); see `layers.attend`.
+    mesh: a ``(data, fsdp, tensor)`` mesh for the activations' sharding constraints (None: none).
   """
 
   spec: EncoderSpec
@@ -134,6 +150,7 @@ class Encoder(nn.Module):
   dtype: Any = jnp.float32
   remat: str = "none"
   attention_impl: Optional[str] = None
+  mesh: Optional[Any] = None
 
   @nn.compact
   def __call__(self, input_ids_BxT: jax.Array, attention_mask_BxT: jax.Array,
@@ -179,10 +196,11 @@ class Encoder(nn.Module):
     x_BxTxH = nn.Dropout(s.hidden_dropout_prob)(x_BxTxH, deterministic=deterministic)
 
     maps = frozenset(want) & {"hidden_states", "attention_probs", "attention_scores", "values"}
-    stack = layers.scan_layers(_Layer, s.num_layers, self.remat, in_axes=(nn.broadcast,))
+    stack = layers.scan_layers(_Layer, s.num_layers, self.remat, in_axes=(nn.broadcast, nn.broadcast))
     mask_Bx1xTxT = layers.attention_mask(attention_mask_BxT, t, causal=False)
     h_BxTxH, ys = stack(spec=s, dtype=self.dtype, attention_impl=self.attention_impl, want=maps,
-                        deterministic=deterministic, name="layers")(x_BxTxH, mask_Bx1xTxT)
+                        deterministic=deterministic, mesh=self.mesh, name="layers")(
+                            x_BxTxH, mask_Bx1xTxT, attention_mask_BxT)
     out = {"last_hidden": h_BxTxH, **ys}
     if "hidden_states" in maps:
       out["hidden_states"] = jnp.concatenate([x_BxTxH[None], ys["hidden_states"]], axis=0)

@@ -19,7 +19,7 @@ from distill_jax.config import root as config_lib
 from distill_jax.errors import first_line
 from distill_jax.data import teacher_cache
 from distill_jax import models
-from distill_jax.models import checkpoints
+from distill_jax.models import checkpoints, layers
 from distill_jax.data import pipeline as data
 from distill_jax.data import prepared
 from distill_jax.training import on_policy
@@ -123,6 +123,12 @@ def _with_param_dtype(model: Any, param_dtype: str) -> Any:
   dtype = jnp.dtype(param_dtype)
   cast = lambda x: np.asarray(x).astype(dtype, copy=False) if np.issubdtype(np.asarray(x).dtype, np.floating) else x  # noqa: E731
   return dataclasses.replace(model, params=jax.tree.map(cast, model.params))
+
+
+def runtime_model(model: Any, attention_impl: str, mesh: Optional[Any]) -> Any:
+  """`model` whose module runs `attention_impl` (`layers.resolve_attention`) and constrains its
+  activations on `mesh` (None: no constraints, as on one device or under pmap)."""
+  return dataclasses.replace(model, module=model.module.clone(attention_impl=attention_impl, mesh=mesh))
 
 
 def _load_models(cfg: config_lib.Config) -> tuple[Any, dict[str, Any]]:
@@ -246,6 +252,7 @@ def build_run(cfg: config_lib.Config) -> Run:
   # before any model weights are read.
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) if cfg.mesh.mode == "jit" else None
   devices = jax.devices() if mesh is None else list(mesh.devices.flat)
+  attention_impl = layers.resolve_attention(cfg.train.attention, devices[0].platform)
   if cfg.data.global_batch_size % len(devices):
     raise ValueError(f"data.global_batch_size={cfg.data.global_batch_size} is not divisible by the "
                      f"{len(devices)} devices")
@@ -259,6 +266,8 @@ def build_run(cfg: config_lib.Config) -> Run:
   for cache in caches.values():  # before any model loads
     cache.check(tokenizer, {"train": train_ex, "validation": eval_ex})
   student, teachers = _load_models(cfg)
+  student = runtime_model(student, attention_impl, mesh)
+  teachers = {n: runtime_model(t, attention_impl, mesh) for n, t in teachers.items()}
   objective = objective_lib.build_objective(cfg.resolved_terms(), student=student, teachers={**teachers, **caches})
   shared_vocab = None
   if main in caches:

@@ -1,0 +1,88 @@
+"""Remat by name (`layers.REMAT_POLICIES`) and the layers' activation sharding constraints."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tiny
+from distill_jax import models
+from distill_jax.config import sections
+from distill_jax.models import layers
+from distill_jax.training import sharding
+
+CASES = {"llama": "causal_lm", "bert": "masked_lm"}
+
+
+@functools.lru_cache(maxsize=None)
+def _model(family):
+  return models.model_from_config(tiny.config_for(family), CASES[family])
+
+
+def _batch(b=8, t=16):
+  ids = jax.random.randint(jax.random.key(1), (b, t), 4, tiny.VOCAB_SIZE)
+  return ids, jnp.ones((b, t), jnp.int32).at[1, 11:].set(0)
+
+
+def _loss(module, params, ids, mask):
+  logits = module.apply({"params": params}, ids, mask)["logits"]
+  return jnp.sum(jax.nn.log_softmax(logits)[..., 7] * mask) / jnp.sum(mask), logits
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(family):
+  model = _model(family)
+  return jax.jit(jax.value_and_grad(functools.partial(_loss, model.module), has_aux=True))(model.params, *_batch())
+
+
+@pytest.mark.parametrize("family,remat", [("llama", r) for r in layers.REMAT_POLICIES if r != "none"]
+                         + [("bert", "save_qkv_block_outputs")])
+def test_every_remat_policy_gives_the_same_outputs_and_gradients(family, remat):
+  model = _model(family)
+  (loss, logits), grads = jax.jit(jax.value_and_grad(
+      functools.partial(_loss, model.module.clone(remat=remat)), has_aux=True))(model.params, *_batch())
+  (ref_loss, ref_logits), ref_grads = _reference(family)
+  np.testing.assert_allclose(logits, ref_logits, atol=1e-6)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5), grads, ref_grads)
+
+
+def test_remat_names_are_defined_once():
+  """The config's Literal and the model's check read `layers.REMAT_POLICIES`."""
+  assert [sections.StudentConfig(remat=r).remat for r in layers.REMAT_POLICIES] == list(layers.REMAT_POLICIES)
+  with pytest.raises(ValueError, match=r"^remat: unknown 'some'; allowed: none, full, dots, save_block_outputs"):
+    layers.check_remat("some")
+  with pytest.raises(ValueError, match="student.remat"):
+    sections.StudentConfig(remat="some")
+
+
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_activation_constraints_keep_results_equal_on_an_8_device_mesh(family):
+  """Batch over data × fsdp, heads and MLP over tensor: the same numbers as one device."""
+  model = _model(family)
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  sharded = model.module.clone(mesh=mesh)
+  ids, mask = _batch()
+  step = jax.jit(jax.value_and_grad(functools.partial(_loss, sharded), has_aux=True))
+  hlo = step.lower(model.params, ids, mask).as_text()
+  assert hlo.count("@Sharding") >= 4 and "mhlo.sharding" in hlo  # the constraints are in the program
+  (loss, logits), grads = step(model.params, ids, mask)
+  (ref_loss, ref_logits), ref_grads = _reference(family)
+  np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), grads, ref_grads)
+  assert len(logits.sharding.device_set) == 8
+
+
+def test_activation_spec_rules():
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  P = jax.sharding.PartitionSpec
+  assert layers.activation_spec(("batch", "length", "heads", "head_dim"), (8, 16, 4, 8), mesh) == P(
+      ("data", "fsdp"), None, "tensor", None)
+  assert layers.activation_spec(("batch", "length", "mlp"), (6, 16, 3), mesh) == P(None, None, None)  # 4∤6, 2∤3
+  one = sharding.make_mesh(data=8)
+  assert layers.activation_spec(("batch", "length", "embed"), (8, 16, 32), one) == P("data", None, None)
+  x = jnp.ones((8, 4))
+  assert layers.constrain(x, ("batch", "embed"), None) is x  # no mesh: the identity (one device, pmap)
