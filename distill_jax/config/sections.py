@@ -6,8 +6,10 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Optional
 
+import optax
 from pydantic import BeforeValidator, Field, StrictFloat, model_validator
 
+from distill_jax import optim
 from distill_jax.models.layers import ATTENTION_IMPLS, REMAT_POLICIES
 from distill_jax.schema import (SELF_TEACHER, Bool, DType, Fraction, Int, NonNegFloat, NonNegInt, PosFloat,
                                        PosInt, Section, Task, Unit, UnitOpen, field_of, invalid, section)
@@ -177,9 +179,9 @@ class CacheConfig(Section):
 class OptimizerConfig(Section):
   """The student's optax optimizer (`optimizer`)."""
 
-  name: Literal["adamw", "adafactor", "sgd"] = "adamw"
+  name: Literal[optim.OPTIMIZERS] = "adamw"  # distill_jax.optim.OPTIMIZERS
   learning_rate: PosFloat = 1e-4  # peak
-  schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warm-up
+  schedule: Literal[optim.LR_SCHEDULES] = "cosine"  # decay after warm-up
   warmup_steps: NonNegInt = 0  # linear from 0 (clamped to train.steps)
   final_lr_fraction: Unit = 0.0  # learning rate at the last step / peak
   weight_decay: NonNegFloat = 0.01  # decoupled; never on norms and biases
@@ -188,6 +190,20 @@ class OptimizerConfig(Section):
   eps: PosFloat = 1e-8
   clip_norm: Optional[PosFloat] = 1.0  # global gradient-norm clipping (null: off)
   grad_accum_steps: PosInt = 1  # micro-batches per update (optax.MultiSteps)
+
+  def build(self, steps: int) -> optax.GradientTransformation:
+    """The optax optimizer of a run of `steps` micro-steps (``train.steps``).
+
+    The schedule counts updates (`steps` / ``grad_accum_steps``, at least 1); a warm-up as long
+    as the run is cut to one update less, so a short smoke run still reaches the peak.
+    """
+    accum = self.grad_accum_steps
+    updates = max(steps // accum, 1)
+    warmup = min(self.warmup_steps // accum, updates - 1)
+    return optim.make_optimizer(
+        self.name, self.learning_rate, warmup_steps=warmup, total_steps=updates, schedule=self.schedule,
+        weight_decay=self.weight_decay, b1=self.b1, b2=self.b2, eps=self.eps, clip_norm=self.clip_norm,
+        grad_accum_steps=accum, final_lr_fraction=self.final_lr_fraction)
 
 
 @section("train")

@@ -5,6 +5,9 @@ signal to land mid-loop.  Those hooks are not the user's business, so they are r
 the environment (``DISTILL_JAX_FAULTS``, a JSON object), never from the config::
 
   DISTILL_JAX_FAULTS='{"nonfinite_step": 5, "nonfinite_count": 3, "step_delay": 0.5}'
+
+The training loop knows no fault: it calls the named points of a `LoopHooks` (empty in
+production), and `loop_hooks` fills them with the faults asked for.
 """
 
 from __future__ import annotations
@@ -12,6 +15,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
 
 ENV = "DISTILL_JAX_FAULTS"
 
@@ -60,3 +68,53 @@ def from_env() -> Faults:
       kind = "an integer" if field.type == "int" else "a number"
       raise ValueError(f"{ENV}: {field.name} must be {kind}, got {value!r}")
   return Faults(**values)
+
+
+@dataclasses.dataclass
+class LoopHooks:
+  """The named points of the training loop where tests act; a production run has none.
+
+  Attributes:
+    teacher_params: ``(step, teacher_params) -> teacher_params``, run in order before the
+      1-based `step`; what the last returns is what the step reads.
+    after_step: ``(step) -> None``, run after the 1-based `step` returned (before its metrics
+      are logged or a checkpoint is saved).
+  """
+
+  teacher_params: list[Callable[[int, Any], Any]] = dataclasses.field(default_factory=list)
+  after_step: list[Callable[[int], None]] = dataclasses.field(default_factory=list)
+
+  def teachers_for(self, step: int, params: Any) -> Any:
+    """The teacher params step `step` reads."""
+    for hook in self.teacher_params:
+      params = hook(step, params)
+    return params
+
+  def stepped(self, step: int) -> None:
+    """Runs the `after_step` hooks of `step`."""
+    for hook in self.after_step:
+      hook(step)
+
+
+def _nan_teacher(faults: Faults) -> Callable[[int, Any], Any]:
+  nan: list[Any] = []  # the all-NaN copy, made once
+
+  def hook(step: int, params: Any) -> Any:
+    if not faults.nonfinite_at(step):
+      return params
+    if not nan:
+      nan.append(jax.tree.map(lambda x: x * np.nan, params))
+    return nan[0]
+
+  return hook
+
+
+def loop_hooks(faults: Optional[Faults] = None) -> LoopHooks:
+  """The loop hooks that inject `faults` (those `from_env` asks for when None)."""
+  faults = from_env() if faults is None else faults
+  hooks = LoopHooks()
+  if faults.nonfinite_step > 0:
+    hooks.teacher_params.append(_nan_teacher(faults))
+  if faults.step_delay > 0:
+    hooks.after_step.append(lambda step: time.sleep(faults.step_delay))
+  return hooks

@@ -19,10 +19,9 @@ import functools
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 
 from distill_jax.config import root as config_lib
 from distill_jax.training import faults as faults_lib
@@ -41,11 +40,13 @@ from distill_jax.checkpoint import preemption
 __all__ = ["CONFIG_FILE", "RunResult", "TrainingError", "train"]
 
 
-def train(cfg: config_lib.Config) -> RunResult:
+def train(cfg: config_lib.Config, *, hooks: Optional[faults_lib.LoopHooks] = None) -> RunResult:
   """Runs (or resumes) the distillation described by ``cfg``.
 
   Args:
     cfg: a validated `Config` (`load_config`).
+    hooks: what tests run at the loop's named points (`faults.LoopHooks`) [the faults
+      ``DISTILL_JAX_FAULTS`` asks for: none in production].
 
   Returns:
     A `RunResult`.
@@ -99,8 +100,7 @@ def train(cfg: config_lib.Config) -> RunResult:
   monitor = StepMonitor(cfg, logger, bar, ckpt)
   preempted = False
   step = start
-  nan_teacher = None
-  faults = faults_lib.from_env()  # test-only hooks (a NaN teacher, slow steps)
+  hooks = faults_lib.loop_hooks() if hooks is None else hooks
   last_eval: dict[str, float] = {}
   failed = True
   watchdog = distributed.PeerWatchdog(max(cfg.distributed.heartbeat_timeout_s / 2, 1.0),
@@ -109,10 +109,7 @@ def train(cfg: config_lib.Config) -> RunResult:
     with preemption.PreemptionGuard() as guard:
       while step < cfg.train.steps:
         batch = next(train_it)
-        teacher_params = run.teacher_params
-        if faults.nonfinite_at(step + 1):
-          nan_teacher = nan_teacher or jax.tree.map(lambda x: x * jnp.nan, run.teacher_params)
-          teacher_params = nan_teacher
+        teacher_params = hooks.teachers_for(step + 1, run.teacher_params)
         if step == start:
           echo("compiling the train step ...")
         state, metrics = run.step_fn.train(state, teacher_params, place_batch(run, batch))
@@ -120,8 +117,7 @@ def train(cfg: config_lib.Config) -> RunResult:
           bar = monitor.bar = progress(cfg, start)
           monitor.t_window = time.perf_counter()  # tokens/s, like the bar's ETA, starts after the compile
         step += 1
-        if faults.step_delay:
-          time.sleep(faults.step_delay)
+        hooks.stepped(step)
         monitor.push(step, metrics, batch_tokens(batch))
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
           last_eval = eval_on_bar(run, state, bar, step)

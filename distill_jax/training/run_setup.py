@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from jax.sharding import Mesh
 
 from distill_jax.config import root as config_lib
 from distill_jax.errors import first_line
@@ -30,25 +32,45 @@ from distill_jax.training import state as state_lib
 from distill_jax.training import step as step_lib
 
 
+Params = Any  # a pytree of arrays
+
+
 @dataclasses.dataclass
 class Run:
-  """Everything built from a config that the loop, `evaluate_run` and `export_run` share."""
+  """Everything built from a config that the loop, `evaluate_run` and `export_run` share.
+
+  Attributes:
+    config: the run's config.
+    student: the student (its params are the initial ones; the trained ones are in `state`).
+    teachers: the live teachers by name (their params sharded on `mesh`, else on the host).
+    objective: the bound objective.
+    train_examples, eval_examples: the rows (in memory, or a prepared split with the same interface).
+    batch_transform: MLM masking inside the step, or None.
+    mesh: the ``("data", "fsdp", "tensor")`` mesh of ``mesh.mode: jit``; None under pmap.
+    optimizer: ``config.optimizer.build(train.steps)``.
+    step_fn: the jitted (`JitStep`) or pmapped (`PmapStep`) train and eval steps.
+    state: the initial `TrainState` (replicated under pmap, sharded under jit).
+    teacher_params: ``{name: params}`` as the step takes them (replicated or sharded).
+    initial_student_params: the undistilled student's params on the host.
+    shared_vocab: the vocabulary the student's logits are compared over with the main teacher.
+    caches: the cached teachers (never loaded).
+  """
 
   config: config_lib.Config
-  student: Any
-  teachers: dict[str, Any]
-  objective: Any
-  train_examples: Any
-  eval_examples: Any
-  batch_transform: Any
-  mesh: Any
-  optimizer: Any
-  step_fn: Any
-  state: Any
-  teacher_params: dict[str, Any]
-  initial_student_params: Any
+  student: models.Model
+  teachers: dict[str, models.Model]
+  objective: objective_lib.Objective
+  train_examples: data.Examples
+  eval_examples: data.Examples
+  batch_transform: Optional[step_lib.BatchTransform]
+  mesh: Optional[Mesh]
+  optimizer: optax.GradientTransformation
+  step_fn: Union[step_lib.JitStep, step_lib.PmapStep]
+  state: state_lib.TrainState
+  teacher_params: dict[str, Params]
+  initial_student_params: Params
   shared_vocab: Optional[int]
-  caches: dict[str, Any] = dataclasses.field(default_factory=dict)  # cached teachers (never loaded)
+  caches: dict[str, teacher_cache.TeacherCache] = dataclasses.field(default_factory=dict)
 
   def batch_extras(self, split: str) -> dict[str, Any]:
     """``{batch key: rows reader}`` of the cached teachers for the data pipeline's `split`."""
@@ -59,7 +81,7 @@ class Run:
     return main_teacher(self.config)
 
   @property
-  def main_model(self) -> Any:
+  def main_model(self) -> Union[models.Model, teacher_cache.TeacherCache]:
     """The main teacher: its model, or its `teacher_cache.TeacherCache`."""
     return self.caches.get(self.main_teacher) or self.teachers[self.main_teacher]
 
@@ -275,15 +297,7 @@ def build_run(cfg: config_lib.Config) -> Run:
   elif student.task in ("causal_lm", "masked_lm", "sequence_classification") and teachers[main].task == student.task:
     shared_vocab = models.check_vocab(teachers[main], student) if student.task != "sequence_classification" else None
   transform = _batch_transform(cfg, student.task, tokenizer, train_ex, shared_vocab or student.vocab_size, main)
-  o = cfg.optimizer
-  accum = o.grad_accum_steps
-  total_updates = max(cfg.train.steps // accum, 1)
-  # A short run (e.g. train.steps=10 for a smoke test) keeps a warm-up shorter than itself.
-  warmup = min(o.warmup_steps // accum, total_updates - 1)
-  optimizer = state_lib.make_optimizer(
-      o.name, o.learning_rate, warmup_steps=warmup, total_steps=total_updates,
-      schedule=o.schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.clip_norm,
-      grad_accum_steps=accum, final_lr_fraction=o.final_lr_fraction)
+  optimizer = cfg.optimizer.build(cfg.train.steps)
   seed = cfg.train.seed
   projections = objective.init_projections(jax.random.PRNGKey(seed + 1))
   initial_student = jax.tree.map(np.asarray, student.params)
