@@ -3,11 +3,14 @@ from it equals the same sparse loss from the live teacher."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
+import weakref
 
+import flax
 import numpy as np
 import pytest
 
@@ -123,11 +126,34 @@ def test_sparse_terms_only_against_a_cache(setup, cache8):
   with pytest.raises(config_lib.ConfigError, match=r"objective\.terms\[0\]\.loss: teacher 'teacher' is read from "
                                                    r"its cache .* allowed: sparse_forward_kl"):
     _config(setup, cache8, "objective.terms=[{loss: forward_kl}]")
-  with pytest.raises(config_lib.ConfigError, match="student.init must be 'path'"):
-    _config(setup, cache8, "student.init=from_teacher", "student.path=null")
   with pytest.raises(UserError, match=r"cache\.top_k: 100000 must be <= the teacher's \d+ tokens"):
     cache_teacher.write_cache(_config(setup, setup["root"] / "too_many", "cache.top_k=100000"))
   assert not (setup["root"] / "too_many").exists()
+
+
+def test_a_student_derived_from_a_cached_teacher_reads_its_weights_once_and_never_runs_it(setup, cache8,
+                                                                                        monkeypatch):
+  loaded = []
+  real_load = run_setup.models.load_model
+
+  def load_model(*args, **kwargs):
+    model = real_load(*args, **kwargs)
+    loaded.append((args[0], weakref.ref(model)))
+    return model
+
+  monkeypatch.setattr(run_setup.models, "load_model", load_model)
+  run = run_setup.build_run(_config(setup, cache8, "teacher.path=null", "student.init=from_teacher",
+                                    "student.path=null", "student.num_layers=1", "student.layers=[1]"))
+  gc.collect()
+  assert [path for path, _ in loaded] == [setup["teacher"]]  # read once, from the path the cache records
+  assert loaded[0][1]() is None  # and dropped: no reference to the teacher's model outlives the set-up
+  assert not run.teachers and not run.teacher_params and run.objective.teacher_names == ()  # never run
+  teacher = real_load(setup["teacher"], "causal_lm")
+  t, s = (dict(flax.traverse_util.flatten_dict(m.params, sep="/")) for m in (teacher, run.student))
+  assert run.student.num_layers == 1 and sorted(s) == sorted(t)
+  for key in t:  # embeddings, norm and head as they are; of the stacked layers, the teacher's second
+    want = np.asarray(t[key])[1:2] if key.startswith("layers/") else np.asarray(t[key])
+    np.testing.assert_array_equal(np.asarray(s[key]), want, err_msg=key)
 
 
 @pytest.mark.slow

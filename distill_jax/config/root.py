@@ -93,11 +93,7 @@ class Config(Section):
     if self.student.init == "from_teacher" and self.teachers[source].path == SELF_TEACHER:
       raise invalid(f"student.init must be 'path' or 'config' when teacher {source!r} is the student itself "
                      f"(teachers.{source}.path: {SELF_TEACHER})")
-    # The teacher a student is derived from (`run_setup`): the named one, else the first model.
-    derive = self.student.teacher or next((n for n in names if self.teachers[n].path != SELF_TEACHER), names[0])
-    if self.student.init != "path" and self.teachers[derive].cache is not None:
-      raise invalid(f"student.init must be 'path' when teacher {derive!r} is read from its cache "
-                    f"(teachers.{derive}.cache: the cached model is never loaded)")
+    # A student derived from a cached teacher reads its weights once (`run_setup`); the teacher never runs.
     known(self.cache.teacher, "cache.teacher")
     if not self.objective.terms:
       raise invalid("objective.terms must list at least one term, e.g. '- {loss: forward_kl}'")

@@ -70,19 +70,24 @@ def measure_throughput(model: Any, params: Any, batch: Mapping[str, Any], *, war
     params: its params.
     batch: one batch (its real examples and tokens are what is counted).
     warmup: untimed calls first (at least 1).
-    iters: timed calls.
+    iters: timed calls (at least 1).
     pooling: forwarded to ``apply`` when not ``None``.
 
   Returns:
     ``{"examples_per_s", "tokens_per_s", "seconds_per_batch"}``.
+
+  Raises:
+    ValueError: `iters` < 1.
   """
+  if iters < 1:
+    raise ValueError(f"iters: {iters} must be >= 1 (measure_efficiency(iters=0) skips the timing)")
   kwargs = apply_kwargs(outputs_for_task(model.task), pooling)
   forward = jax.jit(lambda p, b: model.apply(p, b, **kwargs))
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   for _ in range(max(warmup, 1)):
     jax.block_until_ready(forward(params, batch))
   times = []
-  for _ in range(max(iters, 1)):
+  for _ in range(iters):
     start = time.perf_counter()
     jax.block_until_ready(forward(params, batch))
     times.append(time.perf_counter() - start)
@@ -110,13 +115,15 @@ def measure_efficiency(student: Any, student_params: Any, teacher: Any, teacher_
     student_dir: the exported student's directory, for its on-disk size.
     teacher_dir: the teacher checkpoint's directory, for its on-disk size.
     warmup: see :func:`measure_throughput`.
-    iters: see :func:`measure_throughput`.
+    iters: timed calls (``eval.throughput_batches``); 0 skips the timing: neither model runs
+      and the rates are None.
     pooling: forwarded to ``apply`` when not ``None``.
 
   Returns:
     ``{"device", "{teacher,student}_params", "{teacher,student}_param_bytes",
     "{teacher,student}_disk_bytes" (None without a dir),
-    "{teacher,student}_examples_per_s", "{teacher,student}_tokens_per_s"}``.
+    "{teacher,student}_examples_per_s", "{teacher,student}_tokens_per_s"}`` (rates None when
+    `iters` is 0).
   """
   result: dict[str, Any] = {"device": jax.devices()[0].device_kind}
   for role, model, params, path in (("teacher", teacher, teacher_params, teacher_dir),
@@ -125,8 +132,8 @@ def measure_efficiency(student: Any, student_params: Any, teacher: Any, teacher_
       result.update({f"{role}_{k}": None for k in ("params", "param_bytes", "disk_bytes", "examples_per_s",
                                                    "tokens_per_s")})
       continue
-    speed = measure_throughput(model, params, batch, warmup=warmup, iters=iters,
-                               pooling=pooling)
+    speed = (measure_throughput(model, params, batch, warmup=warmup, iters=iters, pooling=pooling) if iters
+             else {"examples_per_s": None, "tokens_per_s": None})
     result[f"{role}_params"] = count_params(params)
     result[f"{role}_param_bytes"] = params_nbytes(params)
     result[f"{role}_disk_bytes"] = weights_size_bytes(path) if path is not None else None

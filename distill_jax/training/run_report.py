@@ -120,7 +120,7 @@ def final_report(run: Run, params: Any, run_dir: pathlib.Path, before: Optional[
     teacher_dir = resolved if os.path.isdir(resolved) else None
   efficiency = efficiency_lib.measure_efficiency(run.student, params, teacher, getattr(teacher, "params", None), sample,
                                                student_dir=export_dir, teacher_dir=teacher_dir,
-                                               iters=max(run.config.eval.throughput_batches, 1))
+                                               iters=run.config.eval.throughput_batches)
   rep = report_lib.build_report(before, after, efficiency, teacher_name=str(tc.path or tc.cache if tc else run.main_teacher),
                                 student_name=f"{run.student.family} {run.student.num_layers} layers")
   rep["nonfinite_steps"] = [int(r["step"]) for r in history if r.get("train/nonfinite", 0) > 0]

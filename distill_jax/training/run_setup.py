@@ -121,7 +121,8 @@ def _build_student(cfg: config_lib.Config, teachers: Mapping[str, Any]) -> Any:
                                remat=s.remat)
   if source_name is None:
     raise ValueError("student.init: self-distillation needs student.init=path (a checkpoint to start from)")
-  teacher = teachers[source_name]
+  # A cached teacher is never loaded to run: its weights are read here for the copy and dropped on return.
+  teacher = teachers[source_name] if source_name in teachers else _cached_teacher_weights(cfg, source_name)
   if s.init == "from_teacher":
     overrides = dict(s.config)
     if s.num_labels is not None:
@@ -138,6 +139,19 @@ def _build_student(cfg: config_lib.Config, teachers: Mapping[str, Any]) -> Any:
                                        tokenizer=teacher.tokenizer, seed=seed, dtype=s.dtype,
                                        remat=s.remat, source=teacher.source, **overrides)
   return _with_param_dtype(student, s.param_dtype)
+
+
+def _cached_teacher_weights(cfg: config_lib.Config, name: str) -> models.Model:
+  """Cached teacher `name`'s model, loaded only to derive the student from (`student.init`):
+  from ``teachers.<name>.path``, else the checkpoint the cache was written from (its manifest)."""
+  tc = cfg.teachers[name]
+  recorded = teacher_cache.open_cache(name, tc.cache).manifest.get("teacher", {}).get("path")
+  path, field = (tc.path, f"teachers.{name}.path") if tc.path else (recorded, f"teachers.{name}.cache")
+  if not path:
+    raise ValueError(f"teachers.{name}.path: student.init={cfg.student.init} derives the student from teacher "
+                     f"{name!r}, whose cache records no checkpoint; set the teacher's path")
+  with field_errors(field):
+    return models.load_model(config_lib.resolve_model_path(path, field), tc.task, num_labels=tc.num_labels)
 
 
 def _with_param_dtype(model: Any, param_dtype: str) -> Any:
