@@ -39,6 +39,9 @@ run 120 step_gpt2  $PY benchmarks/step.py --preset gpt2 --modes jit,sharded,pmap
   --steps 20 --warmup 3 --out "$OUT/step_gpt2.json"
 run 90 step_llama1b $PY benchmarks/step.py --preset llama-1b --modes jit --dtypes bfloat16 --remat dots \
   --steps 10 --warmup 2 --out "$OUT/step_llama1b.json"
+# cuDNN flash attention (train.attention=cudnn) on the same run as step_llama1b (XLA's attention).
+run 90 step_llama1b_cudnn $PY benchmarks/step.py --preset llama-1b --modes jit --dtypes bfloat16 --remat dots \
+  --attention cudnn --steps 10 --warmup 2 --out "$OUT/step_llama1b_cudnn.json"
 run 60 compile_depth $PY benchmarks/step.py --preset gpt2 --teacher-layers 6,24 --modes jit --dtypes bfloat16 \
   --steps 3 --warmup 1 --out "$OUT/compile_depth.json"
 run 55 torch_bert_f32  $PY benchmarks/torch_reference.py --preset bert-base --dtype float32 --steps 20 --warmup 3 \

@@ -22,6 +22,7 @@ MFU = model FLOPs per step / step time / peak, with the FLOP accounting of
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import sys
@@ -45,11 +46,12 @@ class Setup:
   """Teacher, student, objective, optimizer and a host batch for one preset and dtype."""
 
   def __init__(self, preset: common.Preset, dtype: str, *, batch: int, seq: int, seed: int = 0,
-               teacher_layers: int | None = None, remat: str = "none"):
+               teacher_layers: int | None = None, remat: str = "none", attention: str = "xla"):
     import jax
     import jax.numpy as jnp
 
     from distill_jax import models
+    from distill_jax.models import layers
     from distill_jax.objective.objective import build_objective
     from distill_jax.training.state import make_optimizer
 
@@ -60,6 +62,9 @@ class Setup:
     self.teacher = models.model_from_config(self.hf_config, preset.task, seed=seed, dtype=dtype)
     self.student = models.init_student(self.teacher, num_layers=min(preset.student_layers, self.teacher.num_layers),
                                        seed=seed + 1, remat=remat)
+    impl = layers.resolve_attention(attention, jax.default_backend(), field="--attention")
+    self.teacher, self.student = (dataclasses.replace(m, module=m.module.clone(attention_impl=impl))
+                                  for m in (self.teacher, self.student))
     teacher_params = self.teacher.params
     if dtype != "float32":
       teacher_params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
@@ -222,6 +227,7 @@ def parse_args(argv=None, description: str = __doc__):
   parser.add_argument("--teacher-layers", default=None,
                       help="comma list of teacher depths (default: the preset's); compile time vs depth")
   parser.add_argument("--remat", default="none", help="the student's remat policy: none, full, dots")
+  parser.add_argument("--attention", default="xla", help="the models' attention: auto, xla, cudnn (GPU), splash (TPU)")
   parser.add_argument("--breakdown", action="store_true", help="also time teacher fwd / student fwd+bwd / optimizer")
   parser.add_argument("--profile", default=None, help="write a jax.profiler trace of 3 steps of the first mode here")
   parser.add_argument("--dump-hlo", default=None, help="write the first mode's optimized HLO text here")
@@ -241,7 +247,7 @@ def main(argv=None) -> dict:
       raise SystemExit(f"--dtypes: unknown {dtype!r}; allowed: {', '.join(DTYPES)}")
     peak, peak_source = common.device_peak(dtype)
     for depth in (args.teacher_layers.split(",") if args.teacher_layers else [None]):
-      setup = Setup(preset, dtype, batch=batch, seq=seq, remat=args.remat,
+      setup = Setup(preset, dtype, batch=batch, seq=seq, remat=args.remat, attention=args.attention,
                     teacher_layers=None if depth is None else int(depth))
       peak = _run_setup(args, setup, rows, payload, peak, peak_source)
   print()
