@@ -69,6 +69,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
   return export.main(args.run_dir, args.out_dir, overwrite=args.overwrite, step=args.step)
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+  from distill_jax.commands import plan
+
+  return plan.main([args.config, *args.overrides], args.topology, json_out=args.json, search=not args.no_search,
+                   max_compiles=args.max_compiles, hbm_gib=args.hbm_gib)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
   from distill_jax.commands import bench
 
@@ -147,6 +154,24 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
   p.add_argument("--step", type=int, default=None, help="checkpoint step to export (default: latest)")
   p.set_defaults(func=_cmd_export)
+
+  p = sub.add_parser("plan", help="will the config fit a TPU slice? deviceless compile, memory per device, MFU estimate",
+                     description="Compile CONFIG's train and eval steps for a TPU slice on this machine (libtpu, no "
+                     "TPU: pip install -e \".[tpu]\"), reading only the models' config.json, and report per device the "
+                     "params, optimizer state, batch, temporaries and total against the chip's HBM, the largest "
+                     "global batch that fits, model FLOPs per step and a roofline estimate of step time and MFU. "
+                     "Exits 1 with one line when the config does not fit.")
+  p.add_argument("config", metavar="CONFIG.yaml", help="the run's YAML config")
+  p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, as for train")
+  p.add_argument("--topology", required=True,
+                 help="jax's topology (v5e:4x4, v5p:2x2x2, v5p:4x4x4, v6e:8x8, v4:2x2x4) or a cloud slice name "
+                 "(v5e-16; v4/v5p names count TensorCores: v5p-16 is 8 chips)")
+  p.add_argument("--json", metavar="OUT", default=None, help="also write the report as JSON to OUT")
+  p.add_argument("--no-search", action="store_true", help="compile the config's batch only (no batch search)")
+  p.add_argument("--max-compiles", type=int, default=6, help="train-step compiles the batch search may spend")
+  p.add_argument("--hbm-gib", type=float, default=None,
+                 help="plan against this many GiB per device instead of the chip's HBM (e.g. to keep headroom)")
+  p.set_defaults(func=_cmd_plan)
 
   p = sub.add_parser("bench", help="run a benchmark script from benchmarks/",
                      description="Hand over to benchmarks/SCRIPT.py with the remaining arguments, e.g. "
