@@ -7,6 +7,7 @@ host devices; it does not depend on ``distill_jax.training.state``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import json
@@ -347,6 +348,47 @@ def test_disk_full_or_read_only_at_save_is_a_clear_error_and_previous_intact(tmp
     restored, data_state, _, _ = reopened.restore(ckpt.abstract_like(state))
   assert_same_state(restored, state)
   assert data_state == {"i": 1}
+
+
+def test_disk_full_after_some_bytes_were_written_keeps_the_previous_step(tmp_path, state, monkeypatch):
+  """ENOSPC mid-write: the step's array files are on disk, then the metadata write fails half-way."""
+  checkpointer = ckpt.Checkpointer(tmp_path, save_every=1, async_save=True)
+  checkpointer.save(1, state, data_state={"i": 1}, config=CONFIG)
+  checkpointer.wait()
+  from orbax.checkpoint._src.path import async_path  # pylint: disable=g-import-not-at-top
+
+  real_write_text = async_path.write_text
+  written_before = []
+
+  async def write_half_then_fail(path, text):
+    step_dir = next((p for p in Path(path).parents if p.name.startswith("2.")), None)
+    if step_dir is None or Path(path).name != "_METADATA" or not Path(path).parent.name.startswith("state"):
+      return await real_write_text(path, text)
+    # The array chunks (files under a "d" directory) already written to the unfinished step.
+    written_before.append(sum(f.stat().st_size for f in step_dir.rglob("*") if f.is_file() and f.parent.name == "d"))
+    Path(path).write_text(text[:len(text) // 2])  # a partial file, as a full disk leaves it
+    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+  monkeypatch.setattr(async_path, "write_text", write_half_then_fail)
+  with pytest.raises(ckpt.CheckpointWriteError) as info:
+    checkpointer.save(2, state, data_state={"i": 2}, config=CONFIG)
+    checkpointer.wait()
+  assert written_before and written_before[0] > params_nbytes(state.params["student"]["w"]), written_before
+  message = str(info.value)
+  assert "No space left on device" in message and "earlier checkpoints" in message and "\n" not in message
+  assert info.value.errno == errno.ENOSPC
+  monkeypatch.undo()
+  with contextlib.suppress(Exception):
+    checkpointer.close()
+  with ckpt.Checkpointer(tmp_path, save_every=1) as reopened:
+    assert reopened.all_steps() == [1] and reopened.latest_step() == 1
+    restored, data_state, _, _ = reopened.restore(ckpt.abstract_like(state))
+  assert_same_state(restored, state)
+  assert data_state == {"i": 1}
+
+
+def params_nbytes(tree: Any) -> int:
+  return int(sum(np.size(x) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
 def test_checkpoint_path_is_a_file(tmp_path):
