@@ -213,3 +213,36 @@ def test_without_libtpu_plan_says_how_to_install_it(monkeypatch):
   monkeypatch.setattr(plan.importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
   with pytest.raises(UserError, match=r'^plan: libtpu is not installed; .*pip install -e "\.\[tpu\]"$'):
     plan.topology_devices(plan.parse_topology("v5e:2x2"))
+
+
+# --------------------------------------------------------------------------- the pod recipes (real config.json shapes)
+
+POD_RECIPES = sorted(os.path.join("configs", "pod", n) for n in os.listdir(os.path.join(ROOT, "configs", "pod")))
+
+
+def _recipe_command(path):
+  with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+    first = f.readline().strip()
+  prefix = f"# distill-jax plan {path} --topology "
+  assert first.startswith(prefix), first
+  return first[len(prefix):]
+
+
+@pytest.mark.parametrize("path", POD_RECIPES)
+def test_pod_recipe_starts_with_its_plan_command_and_loads(path):
+  topology = plan.parse_topology(_recipe_command(path))
+  cfg = config_lib.load_config(os.path.join(ROOT, path))
+  assert cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.tensor == topology.num_chips
+  for p in [t.path for t in cfg.teachers.values()] + [cfg.student.path]:
+    assert os.listdir(os.path.join(ROOT, p)) == ["config.json"]  # shapes only, no weights
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", POD_RECIPES)
+def test_pod_recipe_plans_from_config_json_alone(path, monkeypatch):
+  """Each recipe's train and eval steps compile for its slice (minutes each on a 2-core CPU)."""
+  monkeypatch.chdir(ROOT)
+  topology = plan.parse_topology(_recipe_command(path))
+  r = plan.plan(config_lib.load_config(path), topology, search=False)
+  assert r["chips"] == topology.num_chips and r["flops"]["model_per_step"] > 0
+  assert r["per_device_bytes"]["params"] > 0 and 0 < r["roofline_estimate"]["mfu"] <= 1
