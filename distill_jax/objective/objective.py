@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from distill_jax import losses, models
+from distill_jax.models import vocab_map
 from distill_jax.models.outputs import LM_TASKS
 from distill_jax.objective.terms import (DEFAULT_TOP_K, LABEL_FAMILY, LOGIT_FAMILY, LOSSES, LossSpec, TermConfig,
                                          temperature_at, term_error, validate_terms, weight_at)
@@ -84,6 +85,7 @@ class _Bound:
   num_heads: int = 0
   task: str = ""
   top_k: int = 0
+  shared: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())  # hybrid_uld: (student ids, teacher ids)
 
 
 def _pairs(i: int, term: Term, student, teacher, *, attention: bool) -> tuple[tuple[int, int], ...]:
@@ -137,6 +139,9 @@ def _bind(i: int, term: Term, student, teachers: Mapping[str, Any]) -> _Bound:
       if teacher.task != student.task:
         raise term_error(i, "teacher", f"teacher {name!r} task {teacher.task!r} differs from the student's "
                                   f"{student.task!r}: their logits are not comparable")
+      if spec.inputs == "cross_tokenizer":
+        kw.update(_bind_cross_tokenizer(i, term, student, teacher, name))
+        continue
       if student.task in LM_TASKS:
         try:
           vocabs.append(models.check_vocab(teacher, student))
@@ -162,6 +167,22 @@ def _bind(i: int, term: Term, student, teachers: Mapping[str, Any]) -> _Bound:
                              f"teacher {teacher.num_heads}")
     kw["num_heads"] = student.num_heads
   return _Bound(term, **kw)
+
+
+def _bind_cross_tokenizer(i: int, term: Term, student, teacher, name: str) -> dict[str, Any]:
+  """A uld/hybrid_uld term: a causal LM pair with fast tokenizers; the shared-token map of hybrid_uld."""
+  if student.task != "causal_lm":
+    raise term_error(i, "loss", f"{term.loss} compares next-token distributions; the student's task is "
+                           f"{student.task!r}, not causal_lm")
+  for role, model in (("student", student), (f"teacher {name!r}", teacher)):
+    if model.tokenizer is None:
+      raise term_error(i, "loss", f"{term.loss} aligns tokenizers; the {role} has none")
+    vocab_map.check_fast(model.tokenizer, "student.path" if role == "student" else f"teachers.{name}.path")
+  if term.loss != "hybrid_uld":
+    return {}
+  s_ids, t_ids = vocab_map.shared_vocab(student.tokenizer, teacher.tokenizer)
+  keep = (s_ids < student.vocab_size) & (t_ids < teacher.vocab_size)
+  return {"shared": (tuple(int(v) for v in s_ids[keep]), tuple(int(v) for v in t_ids[keep]))}
 
 
 def build_objective(terms: Sequence[Mapping[str, Any] | Term], *, student, teachers: Mapping[str, Any]) -> Objective:
@@ -395,6 +416,19 @@ def _sparse_term(x: _Inputs) -> tuple[jax.Array, jax.Array]:
   return losses.masked_sum_and_count(values, where)
 
 
+def _cross_tokenizer_term(x: _Inputs) -> tuple[jax.Array, jax.Array]:
+  """uld / hybrid_uld: each student span-final token against the teacher's logits at the same
+  span's last token (``batch["teacher_index"]``); the teacher ran on ``teacher_input_ids``."""
+  where = _logit_positions(x) & (x.batch["student_span_end"] == 1)
+  t_logits = losses.span_gather(x.t_out.logits, x.batch["teacher_index"])
+  kw = _kwargs(x.spec, x.term, temperature=temperature_at(x.term, x.step))
+  if x.term.loss == "hybrid_uld":
+    kw.update(student_shared_ids=jnp.asarray(x.b.shared[0], jnp.int32),
+              teacher_shared_ids=jnp.asarray(x.b.shared[1], jnp.int32))
+  values = x.spec.fn(x.s_out.logits, t_logits, where=where, **kw)
+  return losses.masked_sum_and_count(values, where)
+
+
 def _layer_pairs_term(x: _Inputs) -> tuple[jax.Array, jax.Array]:
   total = count = jnp.zeros((), jnp.float32)
   for s, t in x.b.pairs:
@@ -435,5 +469,5 @@ def _batch_term(x: _Inputs) -> tuple[jax.Array, jax.Array]:
 # One handler per `LossSpec.inputs` kind: ``(inputs) -> (sum, count)``.
 _HANDLERS: dict[str, Callable[[_Inputs], tuple[jax.Array, jax.Array]]] = {
     "logits": _logits_term, "labels": _labels_term, "sparse": _sparse_term, "layer_pairs": _layer_pairs_term,
-    "cls": _cls_term, "pooled": _pooled_term, "batch": _batch_term,
+    "cls": _cls_term, "pooled": _pooled_term, "batch": _batch_term, "cross_tokenizer": _cross_tokenizer_term,
 }

@@ -104,6 +104,12 @@ LOSSES: dict[str, LossSpec] = {
                                     losses.sparse_generalized_jsd, "sparse",
                                     "generalized JSD over the teacher's top-k + a tail bucket",
                                     _T + ("beta", "normalized")),
+    # Across tokenizers: at the student's span-final tokens against the teacher's same span's last
+    # token (batch: teacher_input_ids/teacher_attention_mask/student_span_end/teacher_index).
+    "uld": _spec(LOGIT_FAMILY, "logits", _LOGIT | {"top_k"}, losses.uld, "cross_tokenizer",
+                 "Universal Logit Distillation across tokenizers (Boizard et al. 2024)", _T + ("top_k",)),
+    "hybrid_uld": _spec(LOGIT_FAMILY, "logits", _LOGIT | {"top_k"}, losses.hybrid_uld, "cross_tokenizer",
+                        "KL over shared tokens + ULD on the rest, across tokenizers (TRL GOLD)", _T + ("top_k",)),
     "cross_entropy": _spec(LABEL_FAMILY, "logits", _COMMON | {"label_smoothing", "positions"}, losses.cross_entropy,
                            "labels", "hard-label cross-entropy of the student", ("label_smoothing",)),
     "hidden_mse": _spec(FEATURE_FAMILY, "hidden_states", _FEATURE, losses.hidden_mse, "layer_pairs",
@@ -285,6 +291,9 @@ class ObjectiveConfig(Section):
     for i, t in enumerate(self.terms):
       if t.name and t.name in [u.name for u in self.terms[:i]]:
         raise invalid(f"@terms[{i}].name: {t.name!r} is used by an earlier term", f"terms[{i}].name")
+      if self.on_policy is not None and LOSSES[t.loss].inputs == "cross_tokenizer":
+        raise invalid(f"@on_policy: terms[{i}] ({t.loss}) aligns the teacher's tokenizer to the student's on the "
+                      "host; on-policy samples would need host re-tokenization, which is not supported", "on_policy")
     return self
 
   def metric_names(self) -> list[str]:
