@@ -164,9 +164,33 @@ def test_streaming_equals_in_memory_and_never_holds_the_source(setup, causal, tm
   mem, stream = tmp_path / "mem", tmp_path / "stream"
   prepare_data.prepare(_config(setup, *base), str(mem))
   prepare_data.prepare(_config(setup, *base, "data.streaming=true"), str(stream))
+  workers = tmp_path / "workers"  # two forked tokenizing processes keep the order
+  prepare_data.prepare(_config(setup, *base, "data.streaming=true", "data.num_workers=2", "data.shard_rows=5"),
+                       str(workers))
   assert _shards(mem) == _shards(stream)
-  m, s = (json.loads((d / "manifest.json").read_text()) for d in (mem, stream))
+  m, s, w = (json.loads((d / "manifest.json").read_text()) for d in (mem, stream, workers))
   assert m["splits"] == s["splits"]
+  assert [w["splits"][k]["data_fingerprint"] for k in prepared.SPLITS] == [
+      m["splits"][k]["data_fingerprint"] for k in prepared.SPLITS]
+
+
+def test_streaming_local_files_carve_validation_once(setup, tmp_path):
+  out = tmp_path / "carved"
+  cfg = _config(setup, "data.streaming=true", "data.validation_fraction=0.2")
+  prepare_data.prepare(cfg, str(out))
+  tok = _tokenizer(cfg)
+  docs = [json.loads(line)["text"] for line in open(setup["text"])]
+  total = sum(len(x) + 1 for x in tok(docs, add_special_tokens=False)["input_ids"])
+  m = json.loads((out / "manifest.json").read_text())
+  assert m["splits"]["train"]["tokens"] + m["splits"]["validation"]["tokens"] == total  # each document once
+  assert 0 < m["splits"]["validation"]["tokens"] < 0.5 * total
+  with pytest.raises(ValueError, match=r"^data.text_columns: no column 'body'"):
+    prepare_data.prepare(_config(setup, "data.streaming=true", "data.text_columns=[body]"), str(tmp_path / "x"))
+  assert not (tmp_path / "x").exists()
+  with pytest.raises(UserError, match=r"^data.streaming: streams pack causal_lm documents only"):
+    prepare_data.prepare(_config(setup, "data.streaming=true", teacher="bert", task="masked_lm"),
+                         str(tmp_path / "y"))
+  assert not (tmp_path / "y").exists()
 
 
 def test_packed_stream_holds_one_shard(tmp_path):

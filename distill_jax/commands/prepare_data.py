@@ -31,8 +31,8 @@ from distill_jax.training import distributed, faults, run_setup
 from distill_jax.training.run_log import echo
 
 
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
+def _barrier(name: str, procs: int) -> None:
+  if procs > 1:
     from jax.experimental import multihost_utils  # deferred: only multi-process runs need it
 
     multihost_utils.sync_global_devices(f"distill_jax.prepare_data.{name}")
@@ -55,8 +55,9 @@ def _meta(cfg: config_lib.Config, tokenizer_fp: str, task: str, keys: tuple[str,
   }
 
 
-def _stream_docs(cfg: config_lib.Config, tokenizer: Any, part: str):
-  """The tokenized documents of split `part` (``"train"`` / ``"validation"``) as a stream."""
+def _stream_docs(cfg: config_lib.Config, tokenizer: Any, part: str, *, check: bool = False):
+  """The tokenized documents of split `part` (``"train"`` / ``"validation"``) as a stream
+  (`check`: read its first example only, for the one-line errors before anything is written)."""
   d = cfg.data
   kw = dict(name=d.name, text_columns=d.text_columns, data_format=None if d.format == "auto" else d.format,
             cache_dir=d.cache_dir)
@@ -67,6 +68,9 @@ def _stream_docs(cfg: config_lib.Config, tokenizer: Any, part: str):
     rows = sources.stream_texts(d.source, split=d.validation_split or "validation", **kw)
   else:
     rows = sources.stream_texts(d.source, split=d.split, carve=(d.validation_fraction, cfg.train.seed, part), **kw)
+  if check:
+    next(iter(rows))
+    return None
   return data.tokenize_stream(rows, tokenizer, text_columns=d.text_columns, num_workers=d.num_workers)
 
 
@@ -98,6 +102,8 @@ def prepare(cfg: config_lib.Config, out_dir: str, *, progress_bar: Optional[bool
     if task != "causal_lm" or d.completion_column is not None:
       raise UserError(f"data.streaming: streams pack causal_lm documents only; this run's task is {task!r}"
                       f"{' with data.completion_column' if d.completion_column else ''}")
+    for split in prepared.SPLITS:  # a missing source, split or column: before anything is written
+      _stream_docs(cfg, tokenizer, split, check=True)
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     keys, buckets, specials = prepared.Packer.KEYS, (d.max_length,), tuple(sorted(set(tokenizer.all_special_ids)))
     meta = _meta(cfg, tokenizer_fp, task, keys, buckets, pad_id, specials, None, False,
@@ -110,9 +116,11 @@ def prepare(cfg: config_lib.Config, out_dir: str, *, progress_bar: Optional[bool
                  train_ex.label_names, train_ex.labels is not None,
                  d.shard_rows or prepared.default_shard_rows(len(keys), d.max_length),
                  {s: prepared.fingerprint(ex) for s, ex in splits.items()})
-  main = distributed.is_main_process()
+  # Only a multi-host job asks JAX (which starts its backend) who is who.
+  p, procs = (jax.process_index(), jax.process_count()) if cfg.distributed.enabled else (0, 1)
+  main = p == 0
   done = prepared.check_or_start(root, meta, create=main) if main else None
-  _barrier("started")
+  _barrier("started", procs)
   if not main:
     done = prepared.check_or_start(root, meta, create=False)
   if done is not None:
@@ -120,7 +128,6 @@ def prepare(cfg: config_lib.Config, out_dir: str, *, progress_bar: Optional[bool
     return str(root), done
   from tqdm.auto import tqdm  # deferred: progress bars only here
 
-  p, procs = jax.process_index(), jax.process_count()
   show = cfg.logging.progress_bar if progress_bar is None else progress_bar
   bar = tqdm(desc="preparing data", unit="tok", unit_scale=True, dynamic_ncols=True, file=sys.stderr,
              mininterval=0.5, disable=not show or p != 0)
@@ -148,10 +155,10 @@ def prepare(cfg: config_lib.Config, out_dir: str, *, progress_bar: Optional[bool
       prepared.write_examples(root, split, ex, shard_rows, **kw)
       totals[split] = (len(ex), int(np.sum(ex.lengths)))
   bar.close()
-  _barrier("written")
+  _barrier("written", procs)
   if main:
     _finish(root, meta, totals, splits, cfg, task, t0)
-  _barrier("manifest")  # every process returns the complete set
+  _barrier("manifest", procs)  # every process returns the complete set
   manifest = json.loads((root / prepared.MANIFEST).read_text())
   rows = ", ".join(f"{s}: {i['rows']:,} rows" for s, i in manifest["splits"].items())
   echo(f"prepared {manifest['tokens']:,} tokens ({rows}) in {root}: {manifest['bytes']:,} bytes, "

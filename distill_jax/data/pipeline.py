@@ -41,6 +41,7 @@ import logging
 import multiprocessing
 import os
 import threading
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Optional
 
@@ -223,9 +224,12 @@ def tokenize_stream(rows: Iterable[dict], tokenizer: Any, *, text_columns: Seque
   chunks = iter(lambda: {c: [r[c] for r in chunk] for c in columns} if (chunk := list(itertools.islice(rows, chunk_size)))
                 else None, None)
   if num_workers:
-    # spawn: the parent has JAX's threads running, which fork would copy half-held.
-    with multiprocessing.get_context("spawn").Pool(num_workers, _init_stream_worker,
-                                                    (tokenizer, columns, eos)) as pool:
+    # fork, as datasets.map(num_proc) does: the workers run the tokenizer only, never JAX
+    # (whose warning about forking a multithreaded process is therefore moot here).
+    with warnings.catch_warnings():
+      warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
+      pool = multiprocessing.get_context("fork").Pool(num_workers, _init_stream_worker, (tokenizer, columns, eos))
+    with pool:
       pending: collections.deque = collections.deque()  # a bounded window (Pool.imap reads ahead unbounded)
       for chunk in chunks:
         pending.append(pool.apply_async(_stream_worker, (chunk,)))
