@@ -67,7 +67,8 @@ def test_activation_constraints_keep_results_equal_on_an_8_device_mesh(family):
   ids, mask = _batch()
   step = jax.jit(jax.value_and_grad(functools.partial(_loss, sharded), has_aux=True))
   hlo = step.lower(model.params, ids, mask).as_text()
-  assert hlo.count("@Sharding") >= 4 and "mhlo.sharding" in hlo  # the constraints are in the program
+  assert hlo.count("sdy.sharding_constraint") + hlo.count("@Sharding") >= 4  # the constraints are in the program
+  assert '{"data", "fsdp"}' in hlo or "devices=[4," in hlo  # the batch split over data × fsdp
   (loss, logits), grads = step(model.params, ids, mask)
   (ref_loss, ref_logits), ref_grads = _reference(family)
   np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
