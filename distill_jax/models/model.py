@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax.models import checkpoints, decoder_spec, encoder_spec
-from distill_jax.models.layers import REMAT_POLICIES
+from distill_jax.models.layers import check_remat
 from distill_jax.models.outputs import OUTPUT_NAMES, POOLINGS, TASKS, ModelOutputs, pool
 
 # Family modules: each exports FAMILIES, TASKS, spec_from_hf, params_from_hf, params_to_hf,
@@ -214,8 +214,7 @@ def load_config(source: Any, **overrides):
 
 
 def _check_remat(remat: str) -> None:
-  if remat not in REMAT_POLICIES:
-    raise ValueError(f"remat: unknown {remat!r}; allowed: {', '.join(REMAT_POLICIES)}")
+  check_remat(remat)  # one-line error; the names are `layers.REMAT_POLICIES`, defined once
 
 
 def _build(config, task: str, dtype: Any, remat: str):
