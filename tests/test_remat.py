@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 import tiny
 from distill_jax import models
@@ -47,6 +48,27 @@ def test_every_remat_policy_gives_the_same_outputs_and_gradients(family, remat):
   np.testing.assert_allclose(logits, ref_logits, atol=1e-6)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5), grads, ref_grads)
+
+
+def _scan_residuals(module, params, capsys):
+  """Shapes of what the layer scan keeps for the backward pass (stacked over layers)."""
+  ids = jnp.ones((3, 8), jnp.int32)
+  capsys.readouterr()
+  print_saved_residuals(lambda p: jnp.sum(module.apply({"params": p}, ids, ids)["logits"]), params)
+  return sorted(line.split(" output")[0] for line in capsys.readouterr().out.splitlines() if "output of scan" in line)
+
+
+@pytest.mark.parametrize("remat,kept", [
+    ("full", ["f32[2,3,8,32]"]),                                    # the layer input only
+    ("save_block_outputs", ["f32[2,3,8,32]"] * 2),                  # + attn_out (mlp_out: no backward needs it)
+    ("save_qkv_block_outputs", ["f32[2,3,8,2,8]"] * 2 + ["f32[2,3,8,32]"] * 2 + ["f32[2,3,8,4,8]"]),  # + k, v, q
+    ("offload_block_outputs", ["f32<host>[2,3,8,32]", "f32[2,3,8,32]"]),  # attn_out in pinned host memory
+])
+def test_named_policies_keep_their_names(remat, kept, capsys):
+  """Llama tiny (2 layers, batch 3 × 8 tokens, width 32, 4 query and 2 KV heads of 8)."""
+  model = _model("llama")
+  residuals = _scan_residuals(model.module.clone(remat=remat), model.params, capsys)
+  assert [r for r in residuals if r.startswith(("f32[2,3,", "f32<host>[2,3,"))] == kept, residuals
 
 
 def test_remat_names_are_defined_once():
