@@ -179,9 +179,14 @@ def span_tensors(student_span: np.ndarray, teacher_span: np.ndarray, *, student_
   t_win = t_all[teacher_start:teacher_start + teacher_length]
   if sizes is None:
     num = int(max(s_all.max(initial=-1), t_all.max(initial=-1))) + 1
-    total = [np.bincount(a[a >= 0], minlength=num) for a in (s_all, t_all)]
-  else:
-    total, num = list(sizes), len(sizes[0])
+    sizes = tuple(np.bincount(a[a >= 0], minlength=num) for a in (s_all, t_all))
+  # Only the span ids the windows hold matter: shift them to 0.. (O(window), not O(stream)).
+  present = np.concatenate([s_win[s_win >= 0], t_win[t_win >= 0]])
+  base = int(present.min()) if len(present) else 0
+  num = int(present.max()) + 1 - base if len(present) else 1
+  total = [np.pad(np.asarray(x)[base:base + num], (0, max(0, base + num - len(x)))) for x in sizes]
+  s_win = np.where(s_win >= 0, s_win - base, -1)
+  t_win = np.where(t_win >= 0, t_win - base, -1)
   inside = [np.bincount(a[a >= 0], minlength=num) for a in (s_win, t_win)]
   complete = (total[0] == inside[0]) & (total[1] == inside[1]) & (inside[0] > 0) & (inside[1] > 0)
   local = np.cumsum(complete) - 1  # row-local ids in order
