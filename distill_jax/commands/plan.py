@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax import models
+from distill_jax.models import layers
 from distill_jax.commands import common
 from distill_jax.config import root as config_lib
 from distill_jax.data import pipeline as data_lib
@@ -233,6 +234,7 @@ class Planned:
   state: Any  # abstract TrainState
   teacher_params: dict  # abstract
   task: str
+  attention: str  # the models' attention_impl
 
 
 def build_plan(cfg: config_lib.Config, topology: Topology, devices: Sequence[Any]) -> Planned:
@@ -248,12 +250,11 @@ def build_plan(cfg: config_lib.Config, topology: Topology, devices: Sequence[Any
   main = run_setup.main_teacher(cfg)
   if student.task in ("causal_lm", "masked_lm") and teachers[main].task == student.task:
     models.check_vocab(teachers[main], student)
-  o = cfg.optimizer
-  updates = max(cfg.train.steps // o.grad_accum_steps, 1)
-  optimizer = state_lib.make_optimizer(  # as run_setup.build_run makes it
-      o.name, o.learning_rate, warmup_steps=min(o.warmup_steps // o.grad_accum_steps, updates - 1),
-      total_steps=updates, schedule=o.schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
-      clip_norm=o.clip_norm, grad_accum_steps=o.grad_accum_steps, final_lr_fraction=o.final_lr_fraction)
+  # The attention kernel the config selects on a TPU (auto: splash) and the activation constraints on the mesh.
+  attention_impl = layers.resolve_attention(cfg.train.attention, devices[0].platform)
+  student = run_setup.runtime_model(student, attention_impl, mesh)
+  teachers = {n: run_setup.runtime_model(t, attention_impl, mesh) for n, t in teachers.items()}
+  optimizer = cfg.optimizer.build(cfg.train.steps)
   projections = jax.eval_shape(objective.init_projections, jax.random.PRNGKey(0))
   state = jax.eval_shape(functools.partial(state_lib.create_train_state, optimizer=optimizer, seed=cfg.train.seed),
                          student.params, projection_params=projections)
@@ -267,7 +268,7 @@ def build_plan(cfg: config_lib.Config, topology: Topology, devices: Sequence[Any
   step = step_lib.make_jit_step(student_apply=student.apply, teacher_applies={n: t.apply for n, t in teachers.items()},
                                 objective=objective, optimizer=optimizer, batch_transform=transform, mesh=mesh,
                                 state=state, teacher_params=teacher_params, logical=logical)
-  return Planned(cfg, topology, mesh, student, teachers, step, state, teacher_params, student.task)
+  return Planned(cfg, topology, mesh, student, teachers, step, state, teacher_params, student.task, attention_impl)
 
 
 def batch_shapes(task: str, batch: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -464,6 +465,7 @@ def plan(cfg: config_lib.Config, topology: Topology, *, search: bool = True,
       "topology": topology.name, "chip": chip.name, "device_kind": chip.device_kind, "chips": topology.num_chips,
       "hbm_gib": chip.hbm_gib, "mesh": {k: int(v) for k, v in mesh.shape.items()},
       "global_batch": batch, "seq_len": seq, "eval_batch": eval_batch, "remat": remat,
+      "attention": planned.attention,
       "student": {"params": int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(planned.student.params))),
                   "dtype": cfg.student.dtype, "param_dtype": cfg.student.param_dtype},
       "teachers": {n: {"params": int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t.params))),
@@ -523,7 +525,7 @@ def format_report(r: Mapping[str, Any]) -> str:
       f"plan on {r['topology']}: {r['chips']} x {r['device_kind']} ({r['hbm_gib']:g} GiB HBM each), mesh "
       f"data={mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']}",
       f"student {r['student']['params'] / 1e9:.2f}B params ({r['student']['param_dtype']}, compute "
-      f"{r['student']['dtype']}, remat {r['remat']}); teachers: {teachers}",
+      f"{r['student']['dtype']}, remat {r['remat']}); teachers: {teachers}; attention {r['attention']}",
       f"train step, global batch {r['global_batch']} x {r['seq_len']}, per device:",
       f"  params       {fmt(g['params'])}  (student {g['student_params']:.2f}, teacher {g['teacher_params']:.2f})",
       f"  optimizer    {fmt(g['optimizer'])}",

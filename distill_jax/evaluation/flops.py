@@ -126,9 +126,6 @@ def forward_flops(shape: ModelShape, batch: int, seq_len: int) -> ForwardFlops:
   return ForwardFlops(weights, attention, head)
 
 
-REMAT_RECOMPUTE = ("none", "dots", "full")
-
-
 @dataclasses.dataclass(frozen=True)
 class StepFlops:
   """FLOPs of one distillation step over the global batch."""
