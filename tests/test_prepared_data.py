@@ -339,3 +339,36 @@ def test_train_from_prepared_equals_in_memory_and_resumes_bit_identical(setup, c
   assert [s for s, *_ in want] == [1, 2, 3, 4]
   assert _losses(tmp_path / "prepared") == want
   assert _losses(tmp_path / "resumed") == want
+
+
+def test_mixture_order_is_seeded_weighted_and_stops_at_the_first_exhausted_part():
+  from distill_jax.data import sources
+
+  order = sources.mixture_order([3000, 500, 10_000], [3.0, 1.0, 6.0], seed=7)
+  np.testing.assert_array_equal(order, sources.mixture_order([3000, 500, 10_000], [3.0, 1.0, 6.0], seed=7))
+  assert not np.array_equal(order[:50], sources.mixture_order([3000, 500, 10_000], [3.0, 1.0, 6.0], seed=8)[:50])
+  part = np.searchsorted([3000, 3500], order, side="right")
+  counts = np.bincount(part, minlength=3)
+  assert 450 <= counts[1] <= 500 and abs(counts[0] / counts[2] - 0.5) < 0.08  # shares hold to the end
+  for i, start in enumerate([0, 3000, 3500]):  # each part's documents in order, none twice
+    np.testing.assert_array_equal(order[part == i], start + np.arange(counts[i]))
+  streamed = list(sources.mix_streams([iter(range(0, 3000)), iter(range(3000, 3500)), iter(range(3500, 13_500))],
+                                      [3.0, 1.0, 6.0], seed=7))
+  np.testing.assert_array_equal(streamed, order)
+
+
+def test_mixture_prepares_the_same_rows_streamed_or_in_memory(setup, tmp_path):
+  mix = (f"data.mixture=[{{source: pydoc, weight: 2}}, {{source: {setup['text']}, validation_split: train}}]",
+         "data.max_examples=80", "data.max_length=32")
+  mem, stream = tmp_path / "mem", tmp_path / "stream"
+  prepare_data.prepare(_config(setup, *mix), str(mem))
+  prepare_data.prepare(_config(setup, *mix, "data.streaming=true"), str(stream))
+  assert _shards(mem) == _shards(stream)
+  m = json.loads((mem / "manifest.json").read_text())
+  assert [x["weight"] for x in m["data"]["mixture"]] == [2.0, 1.0]
+  cfg = _config(setup, *mix)
+  train, _ = run_setup.load_data(cfg, _tokenizer(cfg), "causal_lm")
+  assert m["splits"]["train"]["data_fingerprint"] == teacher_cache.data_fingerprint(train)
+  other = _config(setup, *mix, "train.seed=1")
+  assert teacher_cache.data_fingerprint(run_setup.load_data(other, _tokenizer(other), "causal_lm")[0]) != \
+      m["splits"]["train"]["data_fingerprint"]

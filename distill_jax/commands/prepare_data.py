@@ -51,26 +51,35 @@ def _meta(cfg: config_lib.Config, tokenizer_fp: str, task: str, keys: tuple[str,
       "settings": run_setup.data_settings(cfg), "shard_rows": shard_rows, "expected": expected,
       "data": {"source": d.source, "name": d.name, "split": d.split, "validation_split": d.validation_split,
                "validation_fraction": d.validation_fraction, "seed": cfg.train.seed, "format": d.format,
-               "streaming": d.streaming},
+               "streaming": d.streaming, "mixture": [m.to_dict() for m in d.mixture]},
   }
 
 
 def _stream_docs(cfg: config_lib.Config, tokenizer: Any, part: str, *, check: bool = False):
-  """The tokenized documents of split `part` (``"train"`` / ``"validation"``) as a stream
-  (`check`: read its first example only, for the one-line errors before anything is written)."""
+  """The tokenized documents of split `part` (``"train"`` / ``"validation"``) as a stream: of
+  ``data.source``, or the ``data.mixture`` of its sources (`check`: read the first example of
+  each source only, for the one-line errors before anything is written)."""
   d = cfg.data
-  kw = dict(name=d.name, text_columns=d.text_columns, data_format=None if d.format == "auto" else d.format,
-            cache_dir=d.cache_dir)
-  if part == "train":
-    carve = None if d.validation_split or d.source == sources.PYDOC else (d.validation_fraction, cfg.train.seed, part)
-    rows = sources.take(sources.stream_texts(d.source, split=d.split, carve=carve, **kw), d.max_examples)
-  elif d.validation_split or d.source == sources.PYDOC:
-    rows = sources.stream_texts(d.source, split=d.validation_split or "validation", **kw)
-  else:
-    rows = sources.stream_texts(d.source, split=d.split, carve=(d.validation_fraction, cfg.train.seed, part), **kw)
+  streams = []
+  for source, name, split, validation_split, _ in run_setup.data_parts(cfg):
+    kw = dict(name=name, text_columns=d.text_columns, data_format=None if d.format == "auto" else d.format,
+              cache_dir=d.cache_dir)
+    if part == "train":
+      carve = None if validation_split or source == sources.PYDOC else (d.validation_fraction, cfg.train.seed, part)
+      rows = sources.stream_texts(source, split=split, carve=carve, **kw)
+    elif validation_split or source == sources.PYDOC:
+      rows = sources.stream_texts(source, split=validation_split or "validation", **kw)
+    else:
+      rows = sources.stream_texts(source, split=split, carve=(d.validation_fraction, cfg.train.seed, part), **kw)
+    if check:
+      next(iter(rows))
+    streams.append(rows)
   if check:
-    next(iter(rows))
     return None
+  rows = (sources.mix_streams(streams, [m.weight for m in d.mixture], cfg.train.seed + (part != "train"))
+          if d.mixture else streams[0])
+  if part == "train":
+    rows = sources.take(rows, d.max_examples)
   return data.tokenize_stream(rows, tokenizer, text_columns=d.text_columns, num_workers=d.num_workers)
 
 

@@ -96,6 +96,17 @@ class StudentConfig(Section):
 
 
 
+@section("data.mixture[]")
+class MixtureSourceConfig(Section):
+  """One source of a weighted data mixture (`data.mixture`)."""
+
+  source: str  # as data.source
+  weight: PosFloat = 1.0  # relative share of the documents drawn
+  name: Optional[str] = None  # hub dataset config name
+  split: Optional[str] = None  # [data.split]
+  validation_split: Optional[str] = None  # [data.validation_split]
+
+
 @section("data")
 class DataConfig(Section):
   """Training and validation text (`data`)."""
@@ -124,6 +135,8 @@ class DataConfig(Section):
   shard_rows: Optional[PosInt] = None  # rows per prepare-data shard [about 64 MiB]
   prefetch: NonNegInt = 2  # training batches Grain prepares ahead
   cache_dir: Optional[str] = None  # datasets cache [the HF default]
+  # instead of source: documents drawn from these sources by weight (seeded by train.seed) until one runs out
+  mixture: tuple[MixtureSourceConfig, ...] = ()
 
   @model_validator(mode="after")
   def _rules(self):

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
 import datasets
+import numpy as np
 
 from distill_jax.errors import first_line
 
@@ -271,3 +272,53 @@ def _carved(index: int, fraction: float, seed: int) -> bool:
 def take(rows: Iterator[dict[str, Any]], limit: Optional[int]) -> Iterator[dict[str, Any]]:
   """The first `limit` rows (all when None)."""
   return rows if limit is None else itertools.islice(rows, limit)
+
+
+def _choices(weights: Sequence[float], seed: int) -> Iterator[int]:
+  """An endless, seeded sequence of part indices drawn with probabilities ∝ `weights`."""
+  p = np.asarray(weights, np.float64)
+  p = p / p.sum()
+  rng = np.random.default_rng([seed, len(p)])
+  while True:
+    yield from rng.choice(len(p), size=4096, p=p).tolist()
+
+
+def mixture_order(sizes: Sequence[int], weights: Sequence[float], seed: int) -> np.ndarray:
+  """Where each document of a mixture comes from: indices into the parts laid end to end.
+
+  Part ``i`` is drawn with probability ``weights[i] / sum(weights)`` (seeded by `seed`), its
+  documents in order, until a drawn part has none left (so the shares hold to the end).
+
+  Returns:
+    ``[N]`` int64 indices into the concatenation of the parts.
+  """
+  starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+  taken, order = [0] * len(sizes), []
+  for c in _choices(weights, seed):
+    if taken[c] == sizes[c]:
+      break
+    order.append(starts[c] + taken[c])
+    taken[c] += 1
+  return np.asarray(order, np.int64)
+
+
+def mix_datasets(parts: Sequence[datasets.Dataset], weights: Sequence[float], seed: int,
+                 columns: Sequence[str]) -> datasets.Dataset:
+  """The mixture (:func:`mixture_order`) of in-memory parts, keeping `columns`."""
+  parts = [p.select_columns(list(columns)) for p in parts]
+  try:
+    joined = datasets.concatenate_datasets(parts)
+  except ValueError as e:
+    raise ValueError(f"data.mixture: the sources' columns {list(columns)} have different types: {first_line(e)}") from e
+  return joined.select(mixture_order([len(p) for p in parts], weights, seed))
+
+
+def mix_streams(parts: Sequence[Iterator[dict[str, Any]]], weights: Sequence[float], seed: int
+                ) -> Iterator[dict[str, Any]]:
+  """The mixture of streamed parts: the same draws as :func:`mix_datasets`, one example at a time."""
+  parts = [iter(p) for p in parts]
+  for c in _choices(weights, seed):
+    row = next(parts[c], None)
+    if row is None:
+      return
+    yield row

@@ -24,6 +24,7 @@ from distill_jax import models
 from distill_jax.models import checkpoints, layers
 from distill_jax.data import pipeline as data
 from distill_jax.data import prepared
+from distill_jax.data import sources
 from distill_jax.training import on_policy
 from distill_jax.models import generate
 from distill_jax.objective import objective as objective_lib
@@ -210,6 +211,16 @@ def data_settings(cfg: config_lib.Config) -> dict[str, Any]:
           "label_column": d.label_column, "completion_column": d.completion_column, "max_examples": d.max_examples}
 
 
+def data_parts(cfg: config_lib.Config) -> list[tuple[str, Optional[str], str, Optional[str], float]]:
+  """``(source, hub config name, split, validation split, weight)`` of each source: the
+  ``data.mixture`` entries, else ``data.source`` alone."""
+  d = cfg.data
+  if d.mixture:
+    return [(m.source, m.name, m.split or d.split, m.validation_split or d.validation_split, m.weight)
+            for m in d.mixture]
+  return [(d.source, d.name, d.split, d.validation_split, 1.0)]
+
+
 def load_data(cfg: config_lib.Config, tokenizer: Any, task: str) -> tuple[Any, Any]:
   """The training and validation rows: tokenized in memory, or a prepared directory's
   (``data.source`` written by ``distill-jax prepare-data``, read from disk per batch)."""
@@ -222,13 +233,21 @@ def load_data(cfg: config_lib.Config, tokenizer: Any, task: str) -> tuple[Any, A
     _check_sizes(cfg, train_ex, eval_ex)
     return train_ex, eval_ex
   columns = tuple(d.text_columns) + ((d.completion_column,) if d.completion_column else ())
-  common = dict(name=d.name, text_columns=columns, label_column=d.label_column,
-                data_format=None if d.format == "auto" else d.format, seed=cfg.train.seed,
-                cache_dir=d.cache_dir)
-  fraction = None if d.validation_split else d.validation_fraction
-  train_ds = data.load_texts(d.source, split=d.split, validation_fraction=fraction, **common)
-  val_split = d.validation_split or ("validation" if d.source == data.PYDOC or fraction else d.split)
-  val_ds = data.load_texts(d.source, split=val_split, validation_fraction=fraction, **common)
+  texts = {"train": [], "validation": []}
+  for source, name, split, validation_split, _ in data_parts(cfg):
+    common = dict(name=name, text_columns=columns, label_column=d.label_column,
+                  data_format=None if d.format == "auto" else d.format, seed=cfg.train.seed,
+                  cache_dir=d.cache_dir)
+    fraction = None if validation_split else d.validation_fraction
+    texts["train"].append(data.load_texts(source, split=split, validation_fraction=fraction, **common))
+    val_split = validation_split or ("validation" if source == data.PYDOC or fraction else split)
+    texts["validation"].append(data.load_texts(source, split=val_split, validation_fraction=fraction, **common))
+  if d.mixture:
+    weights, keep = [m.weight for m in d.mixture], columns + ((d.label_column,) if d.label_column else ())
+    train_ds = sources.mix_datasets(texts["train"], weights, cfg.train.seed, keep)
+    val_ds = sources.mix_datasets(texts["validation"], weights, cfg.train.seed + 1, keep)
+  else:
+    train_ds, val_ds = texts["train"][0], texts["validation"][0]
   if d.max_examples:
     train_ds = train_ds.select(range(min(d.max_examples, len(train_ds))))
   tok_kw = dict(task=task, max_length=d.max_length, text_columns=tuple(d.text_columns),
@@ -308,7 +327,7 @@ def build_run(cfg: config_lib.Config) -> Run:
   shared_vocab = None
   if main in caches:
     shared_vocab = caches[main].student_vocab(student, f"teachers.{main}.cache")
-  elif student.task in ("causal_lm", "masked_lm", "sequence_classification") and teachers[main].task == student.task:
+  elif student.task in models.LM_TASKS + ("sequence_classification",) and teachers[main].task == student.task:
     shared_vocab = models.check_vocab(teachers[main], student) if student.task != "sequence_classification" else None
   transform = _batch_transform(cfg, student.task, tokenizer, train_ex, shared_vocab or student.vocab_size, main)
   optimizer = cfg.optimizer.build(cfg.train.steps)
