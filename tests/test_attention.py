@@ -61,6 +61,28 @@ def test_splash_equals_xla_forward_and_gradient(causal, window, softcap, kv):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=5e-5, rtol=5e-5)
 
 
+def test_splash_under_shard_map_on_an_8_device_mesh_equals_xla():
+  """Batch over data × fsdp, heads (and their KV heads) over tensor: each shard runs the kernel."""
+  from distill_jax.training import sharding
+
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  q, k, v = _qkv(b=4, n=4, kv=2)
+  key_mask = jnp.ones((4, T), jnp.int32).at[1, 100:].set(0).at[2, 60:].set(0)
+  mask = layers.attention_mask(key_mask, T, causal=True)
+
+  def loss(q, k, v, impl, mesh):
+    out, _, _ = layers.attend(q, k, v, mask, scale=0.25, implementation=impl, mesh=mesh,
+                              splash_mask=layers.SplashMask(key_mask, causal=True))
+    return jnp.sum(jnp.where(key_mask[:, :, None, None] > 0, out, 0.0) ** 2)
+
+  got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=(3, 4))(
+      q, k, v, "splash_interpret", mesh)
+  want = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, None, None)
+  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
+  for g, w in zip(got[1], want[1]):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=5e-5, rtol=5e-5)
+
+
 def _batch(b=2, t=T):
   ids = jax.random.randint(jax.random.key(1), (b, t), 4, tiny.VOCAB_SIZE)
   return {"input_ids": ids, "attention_mask": _key_mask(b, t)}
