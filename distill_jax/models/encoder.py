@@ -75,7 +75,7 @@ _MLP_AXES = ("batch", "length", "mlp")
 
 
 class _Layer(nn.Module):
-  """One post-LayerNorm transformer layer (the scanned block): ``(h, mask) -> (h, intermediates)``."""
+  """One post-LayerNorm transformer layer (the scanned block): ``(h, mask, key_mask) -> (h, intermediates)``."""
 
   spec: EncoderSpec
   dtype: Any
