@@ -18,6 +18,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -374,3 +375,84 @@ def test_corrupted_checkpoint_is_named_and_fallback_resumes_from_the_previous_st
   assert f"resumed from the checkpoint of step {STEPS - SAVE_EVERY}" in proc.stderr
   assert list((run_dir / "checkpoints_corrupted").iterdir())  # set aside, not deleted
   assert_equals_reference(run_dir, reference)
+
+
+def _nbytes(tree) -> int:
+  import jax
+
+  return int(sum(np.size(x) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def _constant_bytes(stablehlo: str) -> int:
+  """Bytes of the dense (hex-printed) array constants of a lowered program."""
+  return sum(len(h) // 2 for h in re.findall(r'dense<"0x([0-9A-Fa-f]+)">', stablehlo))
+
+
+def test_the_teacher_stays_out_of_gradients_optimizer_state_checkpoints_and_compiled_constants(tmp_path):
+  """A teacher 30x the student's size: none of its bytes reach the state, the checkpoint or the
+  compiled program's constants; the gradient is the student's alone; its params are not donated."""
+  import functools
+
+  import jax
+  import optax
+
+  import distill_jax as dj
+  import tiny
+  from distill_jax.checkpoint import manager as ckpt
+  from distill_jax.objective import objective as objective_lib
+  from distill_jax.training import sharding
+  from distill_jax.training import state as state_lib
+  from distill_jax.training import step as step_lib
+
+  teacher = dj.load_model(tiny.make_checkpoint(tmp_path / "t", "gpt2", "causal_lm", num_hidden_layers=4,
+                                               hidden_size=64, intermediate_size=128, resid_pdrop=0.0,
+                                               embd_pdrop=0.0, attn_pdrop=0.0), "causal_lm")
+  student = dj.init_student(teacher, num_layers=1, hidden_size=16, n_inner=32)
+  teacher_bytes, student_bytes = _nbytes(teacher.params), _nbytes(student.params)
+  assert teacher_bytes > 10 * student_bytes
+  objective = objective_lib.build_objective([{"loss": "forward_kl", "temperature": 2.0}], student=student,
+                                            teachers={"teacher": teacher})
+  optimizer = state_lib.make_optimizer("adamw", 1e-3, schedule="constant")
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  state = step_lib.init_sharded_state(student.params, optimizer, mesh)
+  t_params = step_lib.shard_teacher_params({"teacher": teacher.params}, mesh)
+  kw = dict(student_apply=student.apply, teacher_applies={"teacher": teacher.apply}, objective=objective,
+            optimizer=optimizer)
+  jit = step_lib.make_jit_step(mesh=mesh, state=state, teacher_params=t_params, **kw)
+  rng = np.random.default_rng(0)
+  batch = {"input_ids": rng.integers(5, tiny.VOCAB_SIZE, (2, 8)).astype(np.int32),
+           "attention_mask": np.ones((2, 8), np.int32)}
+
+  # The optimizer state: Adam's two moments of the student's params (+ scalar counts), nothing else.
+  assert set(state.params) == {"student", "projections"} and _nbytes(state.params) == student_bytes
+  assert 2 * student_bytes <= _nbytes(state.opt_state) < 2 * student_bytes + 1024
+
+  # The compiled program takes the teacher as an argument; its constants hold none of it.
+  lowered = jit.train.jitted.lower(state, t_params, batch)
+  compiled = lowered.compile()
+  assert compiled.memory_analysis().argument_size_in_bytes >= teacher_bytes + _nbytes(state)
+  assert _constant_bytes(lowered.as_text()) < teacher_bytes / 100
+  closed = jax.jit(functools.partial(step_lib.train_step, teacher_params=t_params, **kw))  # the bug, for contrast
+  assert _constant_bytes(closed.lower(state, batch=batch).as_text()) > teacher_bytes / 2  # (splats print short)
+
+  # The gradient is the student's alone: the step's grad_norm is that of d loss / d student.
+  def loss(params):
+    s = student.apply(params, batch, outputs=("logits",))
+    t = teacher.apply(teacher.params, batch, outputs=("logits",))
+    return objective(s, {"teacher": t}, batch, {}, 0)[0]
+
+  want_norm = float(optax.global_norm(jax.grad(loss)(student.params)))
+  before = jax.tree.map(np.asarray, t_params)
+  state2, metrics = jit.train(state, t_params, batch)
+  np.testing.assert_allclose(float(metrics["grad_norm"]), want_norm, rtol=1e-4)
+  assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), b), t_params, before))  # not donated
+
+  # The checkpoint: the state's arrays, no more.
+  with ckpt.Checkpointer(tmp_path, save_every=1, async_save=False) as checkpointer:
+    checkpointer.save(1, state2, data_state={}, config={})
+  saved = checkpoint_state(tmp_path, 1)
+  names = lambda keys: sorted(tuple(re.findall(r"\w+", k)) for k in keys)  # noqa: E731  (dict vs struct keys)
+  assert names(saved) == names(jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state2))
+  assert sum(a.nbytes for a in saved.values()) == _nbytes(state2) < teacher_bytes / 4
+  on_disk = sum(f.stat().st_size for f in (tmp_path / "checkpoints" / "1").rglob("*") if f.is_file())
+  assert on_disk < teacher_bytes / 2
