@@ -17,6 +17,7 @@ import tiny
 from distill_jax.config import root as config_lib
 from distill_jax.objective import objective as objective_lib
 from distill_jax.training import on_policy as on_policy_lib
+from distill_jax.training import sharding
 from distill_jax.training import state as state_lib
 from distill_jax.training import step as step_lib
 from distill_jax.models import generate
@@ -146,6 +147,31 @@ def test_under_pmap_every_device_takes_the_same_branch(llama_pair):
   _, metrics = pstep.train(state, step_lib.replicate({"teacher": teacher.params}, devices), batch)
   assert float(metrics["on_policy"][0]) == float(metrics["on_policy"][1]) == 2.0  # psum over 2 devices
   assert float(metrics["generalized_jsd"][1]) == 2 * 3 * NEW and np.isfinite(float(metrics["loss"]))
+
+
+def test_evaluation_of_an_on_policy_run_scores_the_data_rows(llama_pair):
+  """The run's eval step (`JitStep.eval`, what `eval_loss` and the report use) never samples:
+  with lmbda 1 its terms cover the data rows' real tokens and equal the objective on them."""
+  teacher, student = llama_pair
+  objective = objective_lib.build_objective(GKD_TERMS, student=student, teachers={"teacher": teacher})
+  optimizer = state_lib.make_optimizer("sgd", 0.1, schedule="constant")
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  state = step_lib.init_sharded_state(student.params, optimizer, mesh, seed=7)
+  t_params = {"teacher": teacher.params}
+  jit = step_lib.make_jit_step(student_apply=student.apply, teacher_applies={"teacher": teacher.apply},
+                               objective=objective, optimizer=optimizer, on_policy=_on_policy(student, 1.0),
+                               mesh=mesh, state=state, teacher_params=t_params)
+  batch = _batch()
+  metrics = jit.eval(state, t_params, batch)
+  assert "on_policy" not in metrics
+  assert float(metrics["generalized_jsd"][1]) == batch["attention_mask"].sum() == 18  # not 3 * NEW samples
+  s_out = student.apply(student.params, batch, outputs=("logits",))
+  t_out = teacher.apply(teacher.params, batch, outputs=("logits",))
+  loss, want = objective(s_out, {"teacher": t_out}, batch, {}, 0)
+  np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(metrics["generalized_jsd"]), np.asarray(want["generalized_jsd"]), rtol=1e-5)
+  _, train_metrics = jit.train(state, t_params, batch)  # while training samples
+  assert float(train_metrics["on_policy"][0]) == 1.0 and float(train_metrics["generalized_jsd"][1]) == 3 * NEW
 
 
 def test_the_draw_has_probability_lmbda():
