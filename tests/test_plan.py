@@ -137,6 +137,13 @@ def test_search_when_nothing_fits():
   assert (lo, hi) == (0, 4) and calls == [16, 8, 4]
 
 
+def test_oom_temporaries_read_from_xla_error():
+  msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (98.46G) "
+         "exceeds available HBM (95.74G).")
+  assert plan.oom_temporaries(msg) == int(98.46 * 2 ** 30)
+  assert plan.oom_temporaries("RESOURCE_EXHAUSTED: something else") is None
+
+
 def test_not_fit_line_names_the_largest_batch_and_the_knobs():
   cfg = config_lib.load_config(os.path.join(ROOT, "configs", "pod", "qwen3_8b_to_1p7b.yaml"))
   report = {"per_device_gib": {"total": 27.7, "eval_total": 3.0, "hbm": 16.0}, "train_fits": False,
@@ -177,7 +184,7 @@ def test_plan_of_a_tiny_config_fits_a_v5e_slice(tiny_config, tmp_path, capsys):
   assert cli.main(["plan", tiny_config, "--topology", "v5e:2x2", "--no-search", "--json", str(out)]) == 0
   text = capsys.readouterr().out
   assert "plan on v5e:2x2: 4 x TPU v5 lite (16 GiB HBM each), mesh data=1 fsdp=2 tensor=2" in text
-  assert "roofline ESTIMATE" in text
+  assert "roofline ESTIMATE" in text and "attention splash" in text  # auto on a TPU
   r = json.loads(out.read_text())
   g = r["per_device_bytes"]
   assert r["fits"] and r["chips"] == 4 and r["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
@@ -193,7 +200,8 @@ def test_plan_of_a_tiny_config_fits_a_v5e_slice(tiny_config, tmp_path, capsys):
 
 
 def test_plan_that_does_not_fit_exits_1_with_one_line(tiny_config, capsys):
-  code = cli.main(["plan", tiny_config, "data.global_batch_size=2", "--topology", "v5e-4", "--hbm-gib", "0.0001"])
+  code = cli.main(["plan", tiny_config, "data.global_batch_size=2", "train.attention=xla", "--topology", "v5e-4",
+                   "--hbm-gib", "0.0001"])
   err = capsys.readouterr().err
   assert code == 1
   assert err.count("\n") == 1 and err.startswith("plan: does not fit: the train step needs ")

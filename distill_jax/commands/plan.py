@@ -308,6 +308,14 @@ class Memory:
 
 
 _EXHAUSTED = re.compile(r"(?i)resource_exhausted|out of memory|exceeds? .*memory|hbm")
+_TEMPS_NEEDED = re.compile(r"temporaries \(([\d.]+)([KMGT])\)")
+_UNITS = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+def oom_temporaries(message: str) -> Optional[int]:
+  """The temporaries' bytes XLA's out-of-memory error names ("... HLO temporaries (98.46G) exceeds ..."), or None."""
+  needed = _TEMPS_NEEDED.search(message)
+  return int(float(needed.group(1)) * _UNITS[needed.group(2)]) if needed else None
 
 
 def compile_memory(planned: Planned, batch: int, *, train: bool = True) -> Memory:
@@ -320,7 +328,7 @@ def compile_memory(planned: Planned, batch: int, *, train: bool = True) -> Memor
   except Exception as e:  # XLA raises its own runtime error type; only out-of-memory is an answer
     if not _EXHAUSTED.search(str(e)):
       raise
-    return Memory(batch, None, None, None, None, None, None, time.perf_counter() - start, first_line(e)[:300])
+    return Memory(batch, None, oom_temporaries(str(e)), None, None, None, None, time.perf_counter() - start, first_line(e)[:300])
   m = compiled.memory_analysis()
   total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
   return Memory(batch, int(total), int(m.temp_size_in_bytes), int(m.argument_size_in_bytes),
@@ -474,7 +482,7 @@ def plan(cfg: config_lib.Config, topology: Topology, *, search: bool = True,
       "per_device_gib": {k: _gib(v) for k, v in per_device.items()},
       "per_device_bytes": per_device,
       "fits": fits, "train_fits": train.fits(hbm), "eval_fits": evaluation.fits(hbm),
-      "largest_fitting_batch": lo, "smallest_failing_batch": hi, "batch_shards": shards,
+      "largest_fitting_batch": lo, "smallest_failing_batch": hi, "batch_shards": shards, "searched": search,
       "search": {str(b): {"total_gib": _gib(m.total), "fits": m.fits(hbm), "compile_s": round(m.compile_s, 1),
                           **({"error": m.error} if m.error else {})} for b, m in sorted(seen.items())},
       "flops": {"model_per_step": step_flops.model, "teacher_forward": step_flops.teacher_forward,
@@ -500,10 +508,16 @@ def not_fit_line(report: Mapping[str, Any], cfg: config_lib.Config) -> str:
   g = report["per_device_gib"]
   step = "train" if not report["train_fits"] else "eval"
   need = g["total"] if step == "train" else g["eval_total"]
-  need_s = f"{need:.1f} GiB" if need is not None else "more than XLA would compile"
+  temps = g.get("temporaries") if step == "train" else None
+  need_s = (f"{need:.1f} GiB" if need is not None else
+            f"over {temps:.1f} GiB of temporaries" if temps else "more than XLA would compile")
   lo = report["largest_fitting_batch"]
-  largest = (f"largest global batch that fits: {lo}" if lo else
-             f"no global batch fits (down to {report['batch_shards']}, one per batch shard)")
+  if lo:
+    largest = f"largest global batch that fits: {lo}"
+  elif report.get("searched", True):
+    largest = f"no global batch fits (down to {report['batch_shards']}, one per batch shard)"
+  else:
+    largest = "largest global batch not searched (--no-search)"
   return (f"plan: does not fit: the {step} step needs {need_s} per device of {g['hbm']:g} GiB on "
           f"{report['topology']} at global batch {report['global_batch']} x {report['seq_len']}; {largest}; "
           f"{knobs(cfg)}")
@@ -519,8 +533,10 @@ def format_report(r: Mapping[str, Any]) -> str:
     largest = f"{lo}" + (" (exact)" if hi - lo <= r["batch_shards"] else f" (< {hi} does not fit)")
   elif lo:
     largest = f">= {lo} (the search stopped there)"
-  else:
+  elif r["searched"]:
     largest = "none"
+  else:
+    largest = "not searched (--no-search)"
   lines = [
       f"plan on {r['topology']}: {r['chips']} x {r['device_kind']} ({r['hbm_gib']:g} GiB HBM each), mesh "
       f"data={mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']}",
@@ -530,7 +546,8 @@ def format_report(r: Mapping[str, Any]) -> str:
       f"  params       {fmt(g['params'])}  (student {g['student_params']:.2f}, teacher {g['teacher_params']:.2f})",
       f"  optimizer    {fmt(g['optimizer'])}",
       f"  batch        {fmt(g['batch'])}",
-      f"  temporaries  {fmt(g['temporaries'])}",
+      f"  temporaries  {fmt(g['temporaries'])}" + ("  (XLA: out of memory; the temporaries alone exceed HBM)"
+                                                     if g["total"] is None and g["temporaries"] else ""),
       f"  total        {fmt(g['total'])} of {g['hbm']:g} GiB: {'fits' if r['train_fits'] else 'DOES NOT FIT'}",
       f"eval step, global batch {r['eval_batch']}: {fmt(g['eval_total'])}: "
       f"{'fits' if r['eval_fits'] else 'DOES NOT FIT'}",
