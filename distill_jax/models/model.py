@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import os
 import pathlib
 from typing import Any, Mapping, Optional, Sequence
@@ -26,29 +25,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax.models import checkpoints, decoder_spec, encoder_spec
+from distill_jax.models import checkpoints, decoder, encoder
 from distill_jax.models.layers import check_remat
 from distill_jax.models.outputs import OUTPUT_NAMES, POOLINGS, TASKS, ModelOutputs, pool
 
-# Family modules: each exports FAMILIES, TASKS, spec_from_hf, params_from_hf, params_to_hf,
-# hf_architecture and one Linen module class.
-_KINDS = {"decoder": ("distill_jax.models.decoder", "Decoder"), "encoder": ("distill_jax.models.encoder", "Encoder")}
-DECODER_FAMILIES = decoder_spec.FAMILIES
-ENCODER_FAMILIES = encoder_spec.FAMILIES
+# The family modules: each exports FAMILIES (its registered traits), TASKS, spec_from_hf,
+# params_from_hf, params_to_hf, hf_architecture and one Linen module class.
+DECODER_FAMILIES = decoder.FAMILIES
+ENCODER_FAMILIES = encoder.FAMILIES
 FAMILIES = DECODER_FAMILIES + ENCODER_FAMILIES
+_FAMILY_MODULES = {**{family: (decoder, decoder.Decoder) for family in DECODER_FAMILIES},
+                   **{family: (encoder, encoder.Encoder) for family in ENCODER_FAMILIES}}
 
 
 def family_module(family: str):
   """(family module, Linen class) of an HF `model_type`; one-line error naming the allowed ones."""
-  if family in DECODER_FAMILIES:
-    kind = "decoder"
-  elif family in ENCODER_FAMILIES:
-    kind = "encoder"
-  else:
+  if family not in _FAMILY_MODULES:
     raise ValueError(f"family: unknown model_type {family!r}; allowed: {', '.join(FAMILIES)}")
-  module_name, cls_name = _KINDS[kind]
-  module = importlib.import_module(module_name)
-  return module, getattr(module, cls_name)
+  return _FAMILY_MODULES[family]
 
 
 def check_task(task: str, family: Optional[str] = None) -> None:
