@@ -2,6 +2,7 @@
 `train.attention` choice, logged fallbacks, and splash lowering for a TPU topology."""
 
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -154,6 +155,9 @@ def test_splash_lowers_and_compiles_for_a_tpu_topology():
   soft-capping and two windows (a lax.switch), forward and backward, never ``[T, T]`` in f32."""
   from jax.experimental import topologies
 
+  # Deviceless libtpu takes a lockfile per machine unless told that other processes (another
+  # test run, `distill-jax plan`) may load it too.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   topology = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2",
                                           chips_per_host_bounds=(2, 2, 1), num_slices=1)
   mesh = jax.sharding.Mesh(np.asarray(topology.devices).reshape(2, 1, 2), ("data", "fsdp", "tensor"))
