@@ -1,6 +1,7 @@
 """The public loss API: pure, unreduced, float32, mask-aware distillation losses.
 
-Three families (logits, features, relations), the chunked large-vocabulary KL, and the
+Three families (logits, features, relations), every token-level logit loss chunked from hidden
+states and unembeddings (never materializing `[tokens, V]`), and the
 masked reductions that turn unreduced values into a scalar or a ``(sum, count)`` metric.
 
 Hyperparameters given as Python numbers (``temperature``, ``beta``, ``skew``,
@@ -39,20 +40,40 @@ from distill_jax.losses._relation import similarity_preserving
 from distill_jax.losses._relation import token_relation
 from distill_jax.losses._sparse import chunked_sparse_forward_kl
 from distill_jax.losses._sparse import chunked_sparse_generalized_jsd
+from distill_jax.losses._sparse import chunked_sparse_reverse_kl
+from distill_jax.losses._sparse import chunked_top_k_teacher
 from distill_jax.losses._sparse import sparse_forward_kl
 from distill_jax.losses._sparse import sparse_generalized_jsd
 from distill_jax.losses._sparse import sparse_reverse_kl
 from distill_jax.losses._sparse import teacher_top_k
+from distill_jax.losses._vocab import DEFAULT_CHUNK_SIZE
+from distill_jax.losses._vocab import chunked_argmax
+from distill_jax.losses._vocab import chunked_cross_entropy
+from distill_jax.losses._vocab import chunked_ensemble_kl
 from distill_jax.losses._vocab import chunked_forward_kl
 from distill_jax.losses._vocab import chunked_generalized_jsd
+from distill_jax.losses._vocab import chunked_reverse_kl
+from distill_jax.losses._vocab import chunked_skew_kl
+from distill_jax.losses._vocab import chunked_skew_reverse_kl
+from distill_jax.losses._vocab import chunked_total_variation
 
 __all__ = [
+    "DEFAULT_CHUNK_SIZE",
     "attention_kl",
     "attention_mse",
+    "chunked_argmax",
+    "chunked_cross_entropy",
+    "chunked_ensemble_kl",
     "chunked_forward_kl",
     "chunked_generalized_jsd",
+    "chunked_reverse_kl",
+    "chunked_skew_kl",
+    "chunked_skew_reverse_kl",
     "chunked_sparse_forward_kl",
     "chunked_sparse_generalized_jsd",
+    "chunked_sparse_reverse_kl",
+    "chunked_top_k_teacher",
+    "chunked_total_variation",
     "cosine_distance",
     "cross_entropy",
     "forward_kl",

@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +46,8 @@ from jax.typing import ArrayLike
 from distill_jax.losses import _logit
 from distill_jax.losses import _reduce
 from distill_jax.losses import _vocab
-from distill_jax.losses._vocab import DEFAULT_CHUNK_SIZE
+
+DEFAULT_CHUNK_SIZE = 512  # tokens per chunk of the sparse_* losses of logits
 
 # (student bucket logits [N, K+1], teacher bucket log-probs [N, K+1], where=mask [N]) -> [N]:
 # a dense divergence of :mod:`_logit` with its hyperparameters bound.
@@ -163,26 +164,81 @@ def _chunked_sparse_loss(
     where: ArrayLike | None,
     chunk_size: int,
     student_bias: ArrayLike | None,
+    student_softcap: Optional[float] = None,
+    vocab: Optional[int] = None,
 ) -> jax.Array:
-  """The bucket divergence of ``h @ W + b`` over chunks, recomputing logits for the VJP."""
+  """The bucket divergence of ``head(h)`` over chunks, recomputing logits for the VJP."""
   _reduce.check_positive_int("chunk_size", chunk_size)
   hs = jnp.asarray(student_hidden)
-  ws = jnp.asarray(student_unembed)
-  if hs.ndim == 0 or ws.ndim != 2 or ws.shape[0] != hs.shape[-1]:
-    raise ValueError(
-        f"student_unembed shape {ws.shape} must be [hidden, V] with the hidden size of "
-        f"student_hidden {hs.shape}")
-  lead, vocab = hs.shape[:-1], ws.shape[1]
-  bs = jnp.zeros((vocab,), jnp.float32) if student_bias is None else jnp.asarray(student_bias)
-  if bs.shape != (vocab,):
-    raise ValueError(f"student_bias shape {bs.shape} must be [V] = ({vocab},)")
-  teacher = _flat_teacher(teacher_ids, teacher_logprobs, teacher_log_tail, lead, vocab)
-  n = math.prod(lead)
-  mask_N = _reduce.mask_or_ones(where, lead).reshape(n)
-  hs = _reduce.mask_inputs(hs.reshape(n, -1), mask_N)
-  values = _vocab.chunked_student_values(
-      functools.partial(_chunk_loss, divergence), hs, ws, bs, teacher, mask_N, chunk_size)
-  return values.reshape(lead)
+  head = _vocab._check_head("student", hs, _vocab.Head(student_unembed, student_bias, student_softcap))
+  lead, width = hs.shape[:-1], head.kernel.shape[1]
+  vocab = _vocab._check_vocab(vocab, [width])
+  teacher = _flat_teacher(teacher_ids, teacher_logprobs, teacher_log_tail, lead, vocab or width)
+  k = teacher[0].shape[-1]
+  teacher = (teacher[0].reshape(lead + (k,)), teacher[1].reshape(lead + (k,)), teacher[2].reshape(lead))
+  mask = _reduce.mask_or_ones(where, lead)
+
+  def loss(z, tokens, shared, mask):
+    del shared
+    rows = z.shape[:-1]
+    flat = jax.tree.map(lambda x: x.reshape((math.prod(rows),) + x.shape[len(rows):]), (z, tokens, mask))
+    return _chunk_loss(divergence, *flat).reshape(rows)
+
+  return _vocab.chunked_student_values(loss, _reduce.mask_inputs(hs, mask), head, teacher, (), mask,
+                                       chunk_size=chunk_size, vocab=vocab)
+
+
+def chunked_top_k_teacher(
+    hidden: ArrayLike,
+    unembed: ArrayLike,
+    *,
+    top_k: int,
+    bias: ArrayLike | None = None,
+    softcap: Optional[float] = None,
+    vocab: Optional[int] = None,
+    chunk_size: int = _vocab.DEFAULT_CHUNK_SIZE,
+) -> SparseTeacher:
+  """A live teacher's exact top-k ``(ids, logprobs, log_tail)`` from its hidden states, chunked.
+
+  The same numbers as ``cache_codec.top_k_teacher(head(h)[..., :vocab], top_k)``: ids sorted
+  ascending, their float32 log-probabilities, and the log of the mass outside them (``-inf``
+  when k = vocab), without forming `[tokens, V]` logits.  No gradient flows.
+
+  Args:
+    hidden: `[N, D]` or `[B, T, D]` final teacher hidden states.
+    unembed: `[D, V]` teacher unembedding.
+    top_k: entries to keep, an integer in ``[1, vocab]``.
+    bias: optional `[V]` bias.
+    softcap: optional final logit soft-capping.
+    vocab: only the first ``vocab`` columns count.
+    chunk_size: sequence positions per chunk.
+
+  Returns:
+    ``(ids [..., k] int32, logprobs [..., k] float32, log_tail [...] float32)``.
+  """
+  hs = jax.lax.stop_gradient(jnp.asarray(hidden))
+  head = _vocab._check_head("teacher", hs, _vocab.Head(unembed, bias, softcap))
+  head = _vocab.Head(*jax.lax.stop_gradient((head.kernel, head.bias)), head.softcap)
+  width = head.kernel.shape[1]
+  vocab = _vocab._check_vocab(vocab, [width])
+  real = vocab or width
+  _check_top_k(top_k, real)
+  lead = hs.shape[:-1]
+
+  def chunk(h):
+    z = _vocab.head_logits(h, head, vocab)
+    logprobs = jax.nn.log_softmax(z, axis=-1)
+    vals, ids = jax.lax.top_k(logprobs, top_k)
+    order = jnp.argsort(ids, axis=-1)
+    ids, vals = jnp.take_along_axis(ids, order, -1).astype(jnp.int32), jnp.take_along_axis(vals, order, -1)
+    rows = math.prod(ids.shape[:-1])
+    flat_ids = ids.reshape(rows, top_k)
+    kept = jnp.zeros((rows, width), bool).at[jnp.arange(rows)[:, None], flat_ids].set(True)
+    kept = kept.reshape(z.shape) | (jnp.arange(width) >= real)
+    log_tail = jax.nn.logsumexp(jnp.where(kept, -jnp.inf, z), axis=-1) - jax.nn.logsumexp(z, axis=-1)
+    return ids, vals, log_tail
+
+  return _vocab.map_chunks(chunk, hs, lead, chunk_size)
 
 
 def sparse_forward_kl(
@@ -332,8 +388,10 @@ def chunked_sparse_forward_kl(
     *,
     temperature: float = 1.0,
     where: ArrayLike | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int = _vocab.DEFAULT_CHUNK_SIZE,
     student_bias: ArrayLike | None = None,
+    student_softcap: Optional[float] = None,
+    vocab: Optional[int] = None,
 ) -> jax.Array:
   """:func:`sparse_forward_kl` of ``h_S @ W_S + b_S``, never materializing `[N, V]` logits.
 
@@ -353,8 +411,10 @@ def chunked_sparse_forward_kl(
     teacher_log_tail: `[N]` or `[B, T]` log of the teacher's remaining mass.
     temperature: bucket temperature T > 0; a jax array is not checked.
     where: optional boolean mask broadcastable to the token axes.
-    chunk_size: tokens per chunk (a positive integer).
+    chunk_size: sequence positions per chunk (a positive integer).
     student_bias: optional `[V]` student unembedding bias (differentiated).
+    student_softcap: optional final logit soft-capping ``cap·tanh(z/cap)``.
+    vocab: only the first ``vocab`` columns count (a padded vocabulary).
 
   Returns:
     `[N]` or `[B, T]` float32 per-token divergence.
@@ -367,7 +427,8 @@ def chunked_sparse_forward_kl(
   return _chunked_sparse_loss(
       functools.partial(_logit.forward_kl, temperature=temperature),
       student_hidden, student_unembed, teacher_ids, teacher_logprobs, teacher_log_tail,
-      where=where, chunk_size=chunk_size, student_bias=student_bias)
+      where=where, chunk_size=chunk_size, student_bias=student_bias,
+      student_softcap=student_softcap, vocab=vocab)
 
 
 def chunked_sparse_generalized_jsd(
@@ -381,8 +442,10 @@ def chunked_sparse_generalized_jsd(
     temperature: float = 1.0,
     where: ArrayLike | None = None,
     normalized: bool = False,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int = _vocab.DEFAULT_CHUNK_SIZE,
     student_bias: ArrayLike | None = None,
+    student_softcap: Optional[float] = None,
+    vocab: Optional[int] = None,
 ) -> jax.Array:
   """:func:`sparse_generalized_jsd` of ``h_S @ W_S + b_S``, chunked with recomputation.
 
@@ -401,8 +464,10 @@ def chunked_sparse_generalized_jsd(
     temperature: bucket temperature T > 0; a jax array is not checked.
     where: optional boolean mask broadcastable to the token axes.
     normalized: divide the interior value by β(1-β) (continuous at the ends).
-    chunk_size: tokens per chunk (a positive integer).
+    chunk_size: sequence positions per chunk (a positive integer).
     student_bias: optional `[V]` student unembedding bias.
+    student_softcap: optional final logit soft-capping.
+    vocab: only the first ``vocab`` columns count (a padded vocabulary).
 
   Returns:
     `[N]` or `[B, T]` float32 per-token divergence.
@@ -413,7 +478,8 @@ def chunked_sparse_generalized_jsd(
   return _chunked_sparse_loss(
       _jsd(beta, temperature, normalized),
       student_hidden, student_unembed, teacher_ids, teacher_logprobs, teacher_log_tail,
-      where=where, chunk_size=chunk_size, student_bias=student_bias)
+      where=where, chunk_size=chunk_size, student_bias=student_bias,
+      student_softcap=student_softcap, vocab=vocab)
 
 
 def teacher_top_k(logits_NxV: ArrayLike, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -446,3 +512,49 @@ def teacher_top_k(logits_NxV: ArrayLike, top_k: int) -> tuple[jax.Array, jax.Arr
 def _check_top_k(top_k: object, vocab: int) -> None:
   if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or not 1 <= top_k <= vocab:
     raise ValueError(f"top_k: {top_k!r} must be an integer in [1, V={vocab}]")
+
+
+def chunked_sparse_reverse_kl(
+    student_hidden: ArrayLike,
+    student_unembed: ArrayLike,
+    teacher_ids: ArrayLike,
+    teacher_logprobs: ArrayLike,
+    teacher_log_tail: ArrayLike,
+    *,
+    temperature: float = 1.0,
+    where: ArrayLike | None = None,
+    chunk_size: int = _vocab.DEFAULT_CHUNK_SIZE,
+    student_bias: ArrayLike | None = None,
+    student_softcap: Optional[float] = None,
+    vocab: Optional[int] = None,
+) -> jax.Array:
+  """:func:`sparse_reverse_kl` of ``h_S @ W_S + b_S``, chunked with recomputation.
+
+  .. math::
+    T^2 \\sum_b \\tilde q_S(b) (\\log \\tilde q_S(b) - \\log \\tilde p_T(b))
+
+  Args:
+    student_hidden: `[N, D]` or `[B, T, D]` final student hidden states.
+    student_unembed: `[D, V]` student unembedding matrix.
+    teacher_ids: `[N, K]` or `[B, T, K]` integer ids of the teacher's top-K tokens.
+    teacher_logprobs: same shape, their teacher log-probabilities at temperature 1.
+    teacher_log_tail: `[N]` or `[B, T]` log of the teacher's remaining mass.
+    temperature: bucket temperature T > 0; a jax array is not checked.
+    where: optional boolean mask broadcastable to the token axes.
+    chunk_size: sequence positions per chunk (a positive integer).
+    student_bias: optional `[V]` student unembedding bias.
+    student_softcap: optional final logit soft-capping.
+    vocab: only the first ``vocab`` columns count (a padded vocabulary).
+
+  Returns:
+    `[N]` or `[B, T]` float32 per-token divergence.
+
+  References:
+    Gu et al., "MiniLLM", 2024; Anshumann et al., 2025 (cached top-k teachers).
+  """
+  _reduce.check_range("temperature", temperature, low=0, low_open=True)
+  return _chunked_sparse_loss(
+      functools.partial(_logit.reverse_kl, temperature=temperature),
+      student_hidden, student_unembed, teacher_ids, teacher_logprobs, teacher_log_tail,
+      where=where, chunk_size=chunk_size, student_bias=student_bias,
+      student_softcap=student_softcap, vocab=vocab)

@@ -327,6 +327,16 @@ class Decoder(nn.Module):
     return result
 
 
+def unembedding(spec: DecoderSpec, params: Any, dtype: Any) -> tuple[jax.Array, Optional[jax.Array], Optional[float]]:
+  """The LM head of causal_lm `params`: ``(kernel [H, V] in `dtype`, bias (None), final softcap)``.
+
+  ``logits = softcap · tanh(final_hidden @ kernel / softcap)`` equals the module's `logits`
+  (a tied head is the embedding transposed), so a loss can chunk the vocabulary itself.
+  """
+  kernel = params["embed"]["embedding"].T if spec.tie_word_embeddings else params["lm_head"]["kernel"]
+  return jnp.asarray(kernel).astype(dtype), None, spec.final_softcap
+
+
 def init_cache(spec: DecoderSpec, batch_size: int, max_len: int, dtype: Any = jnp.float32) -> dict:
   """An empty KV cache: ``{"key", "value"}`` each ``[L, B, max_len, K, D]`` of `dtype`."""
   shape = (spec.num_layers, batch_size, max_len, spec.num_kv_heads, spec.head_dim)

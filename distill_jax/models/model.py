@@ -10,6 +10,8 @@ Contract (relied on by `objective.py`, `step.py`, `evaluate.py`):
   is a pure function usable inside ``jax.jit`` and returns :class:`ModelOutputs` holding only
   the requested fields.  ``Model.capabilities`` names what a task can give (an ``encoder``
   has no ``logits``); asking for more is a ValueError.
+* ``final_hidden`` is the trunk's output and ``Model.head(params)`` (causal LM) the
+  unembedding that turns it into logits, so that logit losses can chunk the vocabulary.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 
 from distill_jax.models import checkpoints, decoder, encoder
 from distill_jax.models.layers import check_remat
-from distill_jax.models.outputs import OUTPUT_NAMES, POOLINGS, TASKS, ModelOutputs, pool
+from distill_jax.models.outputs import OUTPUT_NAMES, POOLINGS, TASKS, Head, ModelOutputs, pool
 
 # The family modules: each exports FAMILIES (its registered traits), TASKS, spec_from_hf,
 # params_from_hf, params_to_hf, hf_architecture and one Linen module class.
@@ -153,12 +155,30 @@ class Model:
     dropout = train and rng is not None
     result = self.module.apply(
         {"params": params}, input_ids, attention_mask, batch.get("position_ids"), batch.get("token_type_ids"),
-        want=frozenset(outputs) - {"pooled"}, deterministic=not dropout,
+        want=frozenset(outputs) - {"pooled", "final_hidden"}, deterministic=not dropout,
         rngs={"dropout": rng} if dropout else {})
-    fields = {name: result[name] for name in outputs if name != "pooled"}
+    fields = {name: result[name] for name in outputs if name not in ("pooled", "final_hidden")}
+    if "final_hidden" in outputs:
+      fields["final_hidden"] = result["last_hidden"]
     if "pooled" in outputs:
       fields["pooled"] = pool(result["last_hidden"], attention_mask, pooling)
     return ModelOutputs(**fields)
+
+  def head(self, params) -> Head:
+    """The unembedding of a causal LM: ``apply(outputs=("final_hidden",))`` then this head give
+    its logits (``cap · tanh((h @ kernel) / cap)[..., :vocab]``) without forming them.
+
+    Args:
+      params: params pytree (e.g. `self.params` or a trained copy); a tied head reads the embedding.
+
+    Returns:
+      `Head` ``(kernel [H, V] in the compute dtype, bias or None, softcap or None, vocab)``.
+    """
+    if self.task != "causal_lm":
+      raise ValueError(f"head: needs task 'causal_lm' (an unembedding from final hidden states); "
+                       f"this model's task is {self.task!r}")
+    kernel, bias, softcap = family_module(self.family)[0].unembedding(self.spec, params, self.dtype)
+    return Head(kernel, bias, softcap, self.vocab_size)
 
   def save_pretrained(self, params, out_dir: str | os.PathLike) -> pathlib.Path:
     """Writes `params` as an HF checkpoint transformers (PyTorch) loads.

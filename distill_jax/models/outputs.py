@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import flax.struct
 import jax
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 TASKS = ("causal_lm", "masked_lm", "sequence_classification", "encoder")
 LM_TASKS = ("causal_lm", "masked_lm")  # tasks whose logits are per token
-OUTPUT_NAMES = ("logits", "hidden_states", "attention_scores", "attention_probs", "values", "pooled")
+OUTPUT_NAMES = ("logits", "hidden_states", "attention_scores", "attention_probs", "values", "pooled", "final_hidden")
 POOLINGS = ("mean", "cls")
 
 
@@ -29,6 +29,8 @@ class ModelOutputs:
     attention_probs: ``[L, B, N, T, T]`` probabilities.
     values: ``[L, B, T, H_v]`` value projections (heads not split).
     pooled: ``[B, H]`` mean-pooled (over ``attention_mask``) or CLS embedding.
+    final_hidden: ``[B, T, H]`` the trunk's output (after a decoder's final norm), in the
+      compute dtype: with `Model.head` it gives the logits without forming them.
   """
 
   logits: Optional[jax.Array] = None
@@ -37,6 +39,23 @@ class ModelOutputs:
   attention_probs: Optional[jax.Array] = None
   values: Optional[jax.Array] = None
   pooled: Optional[jax.Array] = None
+  final_hidden: Optional[jax.Array] = None
+
+
+class Head(NamedTuple):
+  """A causal LM's unembedding: ``logits = cap · tanh((final_hidden @ kernel + bias) / cap)[..., :vocab]``.
+
+  Attributes:
+    kernel: ``[H, V]`` in the compute dtype (a tied head: the embedding transposed).
+    bias: ``[V]`` or None.
+    softcap: final logit soft-capping (Gemma 2/3), or None.
+    vocab: the usable vocabulary (columns from ``vocab`` on are padding).
+  """
+
+  kernel: jax.Array
+  bias: Optional[jax.Array]
+  softcap: Optional[float]
+  vocab: int
 
 
 def pool(hidden_BxTxH: jax.Array, mask_BxT: jax.Array, pooling: str) -> jax.Array:
