@@ -75,10 +75,13 @@ def rows_from_examples(examples: data.Examples, start: int, stop: int
     if key in _FILL_PAD:
       tokens[:, k] = examples.pad_id
   lengths = examples.lengths[start:stop].astype(np.int32)
-  for r in range(n):
-    off, m = int(examples.offsets[start + r]), int(lengths[r])
+  if n:
+    flat_len = len(examples.tokens["input_ids"])
+    positions = examples.offsets[start:stop, None].astype(np.int64) + np.arange(length)[None, :]
+    valid = np.arange(length)[None, :] < lengths[:, None]
+    positions = np.minimum(positions, max(flat_len - 1, 0))
     for k, key in enumerate(keys):
-      tokens[r, k, :m] = examples.tokens[key][off:off + m]
+      tokens[:, k] = np.where(valid, examples.tokens[key][positions], tokens[:, k])
   labels = (examples.labels[start:stop].astype(np.int32) if examples.labels is not None
             else np.zeros(n, np.int32))
   return lengths, labels, tokens
