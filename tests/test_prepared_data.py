@@ -372,3 +372,18 @@ def test_mixture_prepares_the_same_rows_streamed_or_in_memory(setup, tmp_path):
   other = _config(setup, *mix, "train.seed=1")
   assert teacher_cache.data_fingerprint(run_setup.load_data(other, _tokenizer(other), "causal_lm")[0]) != \
       m["splits"]["train"]["data_fingerprint"]
+
+
+def test_cli_prepare_data(setup, causal, tmp_path, capsys):
+  from distill_jax import cli
+
+  config = tmp_path / "run.yaml"
+  config.write_text(f"teachers:\n  teacher:\n    path: {setup['teacher']}\n    task: causal_lm\n"
+                    "objective:\n  terms:\n    - {loss: forward_kl}\n")
+  out = tmp_path / "cli"
+  assert cli.main(["prepare-data", str(config), str(out), *_overrides(setup)[2:]]) == 0
+  assert f"train with data.source={out}" in capsys.readouterr().out
+  assert _shards(out) == _shards(causal)
+  assert cli.main(["prepare-data", str(config), str(out), *_overrides(setup)[2:], "data.max_length=32"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("distill-jax: error: OUT_DIR: ") and "another max_length" in err and "\n" not in err
