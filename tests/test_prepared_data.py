@@ -387,3 +387,20 @@ def test_cli_prepare_data(setup, causal, tmp_path, capsys):
   assert cli.main(["prepare-data", str(config), str(out), *_overrides(setup)[2:], "data.max_length=32"]) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("distill-jax: error: OUT_DIR: ") and "another max_length" in err and "\n" not in err
+
+
+def test_cache_teacher_reads_the_prepared_rows(setup, causal, tmp_path):
+  from distill_jax.commands import cache_teacher
+
+  out = tmp_path / "cache"
+  cfg = _config(setup, f"data.source={causal}", f"teacher.cache={out}",
+                "objective.terms=[{loss: sparse_forward_kl}]", "cache.top_k=8", "cache.shard_rows=64",
+                "cache.batch_size=16")
+  _, manifest = cache_teacher.write_cache(cfg, progress_bar=False)
+  mine = json.loads((causal / "manifest.json").read_text())
+  for split in prepared.SPLITS:  # the cache's rows are the prepared ones, by fingerprint and count
+    assert manifest["splits"][split]["data_fingerprint"] == mine["splits"][split]["data_fingerprint"]
+    assert manifest["splits"][split]["rows"] == mine["splits"][split]["rows"]
+  cache = teacher_cache.open_cache("teacher", str(out))
+  _, splits = prepared.open_prepared(str(causal))
+  cache.check(_tokenizer(_config(setup)), splits)  # training from both lines up
