@@ -30,7 +30,8 @@ def setup(tmp_path_factory):
   bert = tiny.make_checkpoint(root / "bert", "bert", "masked_lm", num_hidden_layers=1)
   lines = tiny._corpus_lines()[:150]
   text = root / "text.jsonl"
-  text.write_text("".join(json.dumps({"text": " ".join(lines[i:i + 3])}) + "\n" for i in range(0, len(lines), 3)))
+  text.write_text("".join(json.dumps({"text": " ".join(lines[i:i + 3]), "label": ["neg", "pos"][i % 2]}) + "\n"
+                          for i in range(0, len(lines), 3)))
   return {"root": root, "teacher": str(teacher), "bert": str(bert), "text": str(text)}
 
 
@@ -75,6 +76,7 @@ def causal(setup):
 @pytest.mark.parametrize("task,teacher,extra", [
     ("causal_lm", "teacher", ()),
     ("masked_lm", "bert", ("data.max_length=24",)),  # length buckets, computed loss mask
+    ("sequence_classification", "bert", ("data.max_length=24", "data.label_column=label")),  # class labels
 ])
 def test_prepared_batches_equal_the_in_memory_ones(setup, causal, tmp_path, task, teacher, extra):
   cfg = _config(setup, *extra, teacher=teacher, task=task)
@@ -87,7 +89,7 @@ def test_prepared_batches_equal_the_in_memory_ones(setup, causal, tmp_path, task
   disk_train, disk_val = run_setup.load_data(disk_cfg, _tokenizer(disk_cfg), task)
   assert isinstance(disk_train, prepared.PreparedSplit)
   np.testing.assert_array_equal(disk_train.lengths, mem_train.lengths)
-  assert disk_train.buckets == mem_train.buckets
+  assert disk_train.buckets == mem_train.buckets and disk_train.label_names == mem_train.label_names
   # The manifest's fingerprint is the teacher cache's fingerprint of the in-memory rows, and
   # the lazily read flat arrays give it too.
   assert disk_train.fingerprint == teacher_cache.data_fingerprint(mem_train) == teacher_cache.data_fingerprint(disk_train)
