@@ -34,10 +34,13 @@ from distill_jax.models.vocab_map import check_fast, shared_vocab, token_bytes
 
 __all__ = ["Tokenized", "tokenize_with_offsets", "align_spans", "span_tensors", "align_texts", "SPAN_KEYS",
            "shared_vocab", "token_bytes", "check_fast", "aligned_causal_rows",
-           "aligned_examples"]
+           "aligned_examples", "TEACHER_INPUTS", "teacher_batch", "on_teacher_tokens"]
 
 #: Per-row arrays :func:`span_tensors` produces (prefix ``teacher_`` marks teacher-length axes).
 SPAN_KEYS = ("student_span", "student_span_end", "teacher_index", "teacher_span", "teacher_span_end")
+
+#: The model inputs of a cross-tokenizer teacher -> the batch keys that hold them.
+TEACHER_INPUTS = {"input_ids": "teacher_input_ids", "attention_mask": "teacher_attention_mask"}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -346,3 +349,31 @@ def aligned_examples(texts: Sequence[str], student_tokenizer: Any, teacher_token
                   buckets=(student_length,), pad_id=int(pad),
                   special_ids=tuple(sorted({int(i) for i in student_tokenizer.all_special_ids})),
                   row_arrays={k: rows[k] for k in ("teacher_input_ids", "teacher_attention_mask") + SPAN_KEYS})
+
+
+def teacher_batch(batch: Any) -> dict[str, Any]:
+  """The inputs a cross-tokenizer teacher runs on: its own ids and mask (:data:`TEACHER_INPUTS`).
+
+  Args:
+    batch: a batch of :func:`aligned_examples` rows.
+
+  Returns:
+    ``{"input_ids": [B, Lt], "attention_mask": [B, Lt]}`` (the student's positions do not apply).
+  """
+  return {k: batch[v] for k, v in TEACHER_INPUTS.items()}
+
+
+def on_teacher_tokens(apply: Any, params: Any, batch: Any, **kwargs: Any) -> Any:
+  """``apply(params, teacher_batch(batch), **kwargs)``: a teacher's apply, bound with
+  ``functools.partial(on_teacher_tokens, apply)``, that reads the teacher's side of the batch.
+
+  Args:
+    apply: the teacher's ``(params, batch, *, outputs, ...) -> ModelOutputs``.
+    params: its params.
+    batch: a batch of :func:`aligned_examples` rows.
+    **kwargs: forwarded to ``apply``.
+
+  Returns:
+    the teacher's outputs over its own tokens (``[B, Lt, ...]``).
+  """
+  return apply(params, teacher_batch(batch), **kwargs)

@@ -21,8 +21,9 @@ from distill_jax.config import root as config_lib
 from distill_jax.errors import first_line
 from distill_jax.data import teacher_cache
 from distill_jax import models
-from distill_jax.models import checkpoints, layers
+from distill_jax.models import checkpoints, layers, vocab_map
 from distill_jax.data import pipeline as data
+from distill_jax.data import alignment
 from distill_jax.data import prepared
 from distill_jax.data import sources
 from distill_jax.training import on_policy
@@ -268,6 +269,111 @@ def _check_sizes(cfg: config_lib.Config, train_ex: Any, eval_ex: Any) -> None:
     raise ValueError(f"data.validation_split: the validation split of {d.source!r} holds no examples")
 
 
+CROSS_TOKENIZER_LOSSES = tuple(n for n, spec in objective_lib.LOSSES.items() if spec.inputs == "cross_tokenizer")
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossTokenizer:
+  """A teacher whose tokenizer differs from the student's: the data is the student's rows with
+  the teacher's tokens of the same text beside them (`alignment.aligned_examples`).
+
+  Attributes:
+    teacher: the teacher's name.
+    student_tokenizer, teacher_tokenizer: the two fast tokenizers.
+  """
+
+  teacher: str
+  student_tokenizer: Any
+  teacher_tokenizer: Any
+
+
+def _checkpoint_tokenizer(path: str, field: str) -> Any:
+  with field_errors(field):
+    tok = checkpoints.load_tokenizer(checkpoints.resolve_checkpoint(config_lib.resolve_model_path(path, field)))
+  if tok is None:
+    raise ValueError(f"{field}: the checkpoint has no tokenizer files")
+  return tok
+
+
+def cross_tokenizer(cfg: config_lib.Config) -> Optional[CrossTokenizer]:
+  """The teacher that the cross-tokenizer terms (`CROSS_TOKENIZER_LOSSES`) read, when its
+  tokenizer differs from the student's checkpoint's; None otherwise.  Reads tokenizers only.
+
+  Raises:
+    ValueError: one line naming the field, before any model loads: a slow tokenizer, a term
+      that needs the same tokenizer reading that teacher, a cached teacher, two such teachers.
+  """
+  terms = cfg.resolved_terms()
+  readers = sorted({n for t in terms if t.loss in CROSS_TOKENIZER_LOSSES for n in t.teachers})
+  if not readers or cfg.student.init != "path":  # a student derived from its teacher shares its tokenizer
+    return None
+  if len(readers) > 1:
+    raise ValueError(f"objective.terms: cross-tokenizer terms read one teacher; got {', '.join(readers)}")
+  name = readers[0]
+  tc = cfg.teachers[name]
+  if tc.cache is not None or tc.path == config_lib.SELF_TEACHER:
+    if tc.cache is not None:
+      raise ValueError(f"teachers.{name}.cache: {', '.join(CROSS_TOKENIZER_LOSSES)} run the teacher live "
+                       f"(its logits); unset the cache")
+    return None
+  s_field, t_field = "student.path", f"teachers.{name}.path"
+  s_tok, t_tok = _checkpoint_tokenizer(cfg.student.path, s_field), _checkpoint_tokenizer(tc.path, t_field)
+  if s_tok.get_vocab() == t_tok.get_vocab():
+    return None
+  vocab_map.check_fast(s_tok, s_field)
+  vocab_map.check_fast(t_tok, t_field)
+  for i, t in enumerate(terms):
+    if name in t.teachers and t.loss not in CROSS_TOKENIZER_LOSSES:
+      raise ValueError(f"objective.terms[{i}].loss: {t.loss} needs the teacher's tokenizer, but teacher {name!r} "
+                       f"({tc.path}) and the student ({cfg.student.path}) tokenize differently; allowed across "
+                       f"tokenizers: {', '.join(CROSS_TOKENIZER_LOSSES)}")
+  if cfg.objective.on_policy is not None:
+    raise ValueError(f"objective.on_policy: on-policy samples would need re-tokenizing for teacher {name!r} "
+                     f"({tc.path}), whose tokenizer differs from the student's ({cfg.student.path})")
+  return CrossTokenizer(name, s_tok, t_tok)
+
+
+def teacher_length(max_length: int, texts: list[str], cross: CrossTokenizer) -> int:
+  """The teacher's row length: ``max_length`` scaled by how many more tokens the teacher needs
+  for the same text (measured on up to 256 texts), with a quarter of headroom, a multiple of 8."""
+  sample = texts[:256]
+  count = lambda tok: sum(len(x) for x in tok(sample, add_special_tokens=False, verbose=False)["input_ids"])  # noqa: E731
+  ratio = count(cross.teacher_tokenizer) / max(1, count(cross.student_tokenizer))
+  return max(8, -(-int(np.ceil(1.25 * ratio * max_length)) // 8) * 8)
+
+
+def load_aligned_data(cfg: config_lib.Config, cross: CrossTokenizer) -> tuple[Any, Any]:
+  """The training and validation rows of a cross-tokenizer run: the student's packed causal-LM
+  rows with the teacher's ids and the span tensors beside them (`alignment.aligned_examples`)."""
+  d = cfg.data
+  if prepared.is_prepared(d.source):
+    raise ValueError(f"data.source: {d.source} holds one tokenizer's rows; a cross-tokenizer run "
+                     f"(teacher {cross.teacher!r}) tokenizes raw texts with both tokenizers")
+  if d.mixture or d.completion_column:
+    field = "data.mixture" if d.mixture else "data.completion_column"
+    raise ValueError(f"{field}: not supported across tokenizers (teacher {cross.teacher!r}); use one data.source "
+                     f"of plain texts")
+  common = dict(name=d.name, text_columns=tuple(d.text_columns), label_column=None,
+                data_format=None if d.format == "auto" else d.format, seed=cfg.train.seed, cache_dir=d.cache_dir)
+  fraction = None if d.validation_split else d.validation_fraction
+  train_ds = data.load_texts(d.source, split=d.split, validation_fraction=fraction, **common)
+  val_split = d.validation_split or ("validation" if d.source == data.PYDOC or fraction else d.split)
+  val_ds = data.load_texts(d.source, split=val_split, validation_fraction=fraction, **common)
+  if d.max_examples:
+    train_ds = train_ds.select(range(min(d.max_examples, len(train_ds))))
+
+  def texts(ds) -> list[str]:  # columns joined as the same-tokenizer packing joins them
+    return [" ".join(str(t) for t in parts if t) for parts in zip(*(ds[c] for c in d.text_columns))]
+
+  train_texts, val_texts = texts(train_ds), texts(val_ds)
+  kw = dict(student_length=d.max_length, teacher_length=teacher_length(d.max_length, train_texts, cross),
+            student_field="student.path", teacher_field=f"teachers.{cross.teacher}.path")
+  train_ex = alignment.aligned_examples(train_texts, cross.student_tokenizer, cross.teacher_tokenizer, **kw)
+  eval_ex = alignment.aligned_examples(val_texts, cross.student_tokenizer, cross.teacher_tokenizer, **kw)
+  _check_sizes(cfg, train_ex, eval_ex)
+  return train_ex, eval_ex
+
+
 def _batch_transform(cfg: config_lib.Config, task: str, tokenizer: Any, examples: Any, vocab_size: int,
                      main: str):
   if task != "masked_lm":
@@ -315,9 +421,13 @@ def build_run(cfg: config_lib.Config) -> Run:
     raise ValueError(f"objective.on_policy: on-policy distillation needs a causal_lm student, got task "
                      f"{_student_task(cfg)!r}")
   main = main_teacher(cfg)
-  tokenizer = data_tokenizer(cfg, main)
+  cross = cross_tokenizer(cfg)
+  tokenizer = data_tokenizer(cfg, main) if cross is None else cross.student_tokenizer
   caches = {n: teacher_cache.open_cache(n, tc.cache) for n, tc in cfg.teachers.items() if tc.cache is not None}
-  train_ex, eval_ex = load_data(cfg, tokenizer, _student_task(cfg))
+  if cross is None:
+    train_ex, eval_ex = load_data(cfg, tokenizer, _student_task(cfg))
+  else:
+    train_ex, eval_ex = load_aligned_data(cfg, cross)
   for cache in caches.values():  # before any model loads
     cache.check(tokenizer, {"train": train_ex, "validation": eval_ex})
   student, teachers = _load_models(cfg)
@@ -327,6 +437,8 @@ def build_run(cfg: config_lib.Config) -> Run:
   shared_vocab = None
   if main in caches:
     shared_vocab = caches[main].student_vocab(student, f"teachers.{main}.cache")
+  elif cross is not None and cross.teacher == main:  # compared span by span, never position by position
+    shared_vocab = None
   elif student.task in models.LM_TASKS + ("sequence_classification",) and teachers[main].task == student.task:
     shared_vocab = models.check_vocab(teachers[main], student) if student.task != "sequence_classification" else None
   transform = _batch_transform(cfg, student.task, tokenizer, train_ex, shared_vocab or student.vocab_size, main)
@@ -334,7 +446,9 @@ def build_run(cfg: config_lib.Config) -> Run:
   seed = cfg.train.seed
   projections = objective.init_projections(jax.random.PRNGKey(seed + 1))
   initial_student = jax.tree.map(np.asarray, student.params)
-  teacher_applies = {n: t.apply for n, t in teachers.items()}
+  # A cross-tokenizer teacher runs on its own tokens of the batch (`alignment.TEACHER_INPUTS`).
+  teacher_applies = {n: functools.partial(alignment.on_teacher_tokens, t.apply)
+                     if cross is not None and n == cross.teacher else t.apply for n, t in teachers.items()}
   step_kw = dict(student_apply=student.apply, teacher_applies=teacher_applies, objective=objective,
                  optimizer=optimizer, batch_transform=transform, on_policy=_on_policy(cfg, student, tokenizer))
   if mesh is not None:

@@ -1,0 +1,96 @@
+"""A teacher and a student with different tokenizers (byte-level BPE vs WordPiece) through
+`build_run` and `distill-jax train`: the teacher runs on its own tokens, uld / hybrid_uld train."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import tiny
+from distill_jax.config import root as config_lib
+from distill_jax.data import alignment
+from distill_jax.data import pipeline as data
+from distill_jax.training import loop as trainer
+from distill_jax.training import run_setup
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp("xtok_train")
+  teacher = tiny.make_checkpoint(root / "teacher", "llama", "causal_lm", num_hidden_layers=2)  # byte-level BPE
+  wordpiece = tiny.tokenizer_for("bert")
+  student = tiny.make_checkpoint(root / "student", "llama", "causal_lm", num_hidden_layers=1, hidden_size=16,
+                                 intermediate_size=32, seed=3, vocab_size=len(wordpiece))
+  for name in os.listdir(student):  # the student's own tokenizer: WordPiece
+    if name.startswith(("tokenizer", "special_tokens")):
+      os.remove(student / name)
+  wordpiece.save_pretrained(student)
+  lines = tiny._corpus_lines()[:120]
+  text = root / "text.jsonl"
+  text.write_text("".join(json.dumps({"text": " ".join(lines[i:i + 3])}) + "\n" for i in range(0, len(lines), 3)))
+  return {"root": root, "teacher": str(teacher), "student": str(student), "text": str(text)}
+
+
+def _config(setup, run, *extra):
+  return config_lib.load_config(None, [
+      f"teacher.path={setup['teacher']}", "teacher.task=causal_lm", "student.init=path",
+      f"student.path={setup['student']}",
+      "objective.terms=[{loss: uld, temperature: 2.0, weight: 0.5}, {loss: hybrid_uld}]",
+      f"data.source={setup['text']}", "data.max_length=16", "data.global_batch_size=8",
+      "data.validation_split=null", "data.buckets=false", "logging.progress_bar=false",
+      "logging.tensorboard=false", "train.log_every=1", "eval.before_and_after=false", "export.enabled=false",
+      "train.steps=3", f"train.run_dir={setup['root'] / run}", *extra])
+
+
+def test_the_teacher_runs_on_its_own_tokens_and_the_step_equals_the_objective(setup):
+  run = run_setup.build_run(_config(setup, "direct"))
+  assert set(alignment.TEACHER_INPUTS.values()) <= set(run.train_examples.row_arrays)
+  assert run.shared_vocab is None  # never compared position by position
+  batch = next(iter(data.eval_batches(run.eval_examples, global_batch_size=8, process_index=0, process_count=1)))
+  got = run.step_fn.eval(run.state, run.teacher_params, batch)
+  teacher, student = run.teachers["teacher"], run.student
+  t_out = teacher.apply(teacher.params, {"input_ids": batch["teacher_input_ids"],
+                                         "attention_mask": batch["teacher_attention_mask"]},
+                        outputs=run.objective.outputs_for("teacher"))
+  s_out = student.apply(run.initial_student_params, batch, outputs=run.objective.outputs_for("student"))
+  assert t_out.logits.shape[1] == batch["teacher_input_ids"].shape[1] != batch["input_ids"].shape[1]
+  params = jax.tree.map(lambda x: x[0], run.state.params["projections"]) if run.mesh is None else \
+      run.state.params["projections"]
+  loss, want = run.objective(s_out, {"teacher": t_out}, batch, params, 0)
+  for name in ("uld", "hybrid_uld"):
+    np.testing.assert_allclose(np.asarray(got[name][0]), np.asarray(want[name][0]), rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got[name][1]), np.asarray(want[name][1]))
+    assert float(want[name][1]) > 0
+  np.testing.assert_allclose(float(got["loss"]), float(loss), rtol=2e-5)
+
+
+@pytest.mark.slow  # end to end: 48 s on the shared 2-core machine
+def test_train_across_tokenizers(setup):
+  result = trainer.train(_config(setup, "train"))
+  assert result.step == 3
+  rows = [r for r in result.history if "loss" in r or "train/loss" in r]
+  assert rows
+  for row in rows:
+    loss = row.get("loss", row.get("train/loss"))
+    assert math.isfinite(loss) and loss > 0
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["objective.terms=[{loss: uld}, {loss: forward_kl}]"],
+     r"^objective\.terms\[1\]\.loss: forward_kl needs the teacher's tokenizer, but teacher 'teacher' .* tokenize "
+     r"differently; allowed across tokenizers: uld, hybrid_uld$"),
+    (["teachers.teacher.cache=/nonexistent"], r"^config: objective\.terms\[0\]\.loss: teacher 'teacher' is read "
+                                                r"from its cache .* which uld cannot use"),
+])
+def test_bad_input_is_one_line_before_any_model_loads(setup, extra, match, monkeypatch):
+  def no_loading(*a, **k):
+    raise AssertionError("a model was loaded")
+
+  monkeypatch.setattr(run_setup, "_load_models", no_loading)
+  with pytest.raises(ValueError, match=match):
+    run_setup.build_run(_config(setup, "bad", *extra))
