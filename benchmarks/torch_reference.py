@@ -142,6 +142,8 @@ def main(argv=None) -> dict:
   preset = common.get_preset(args.preset)
   batch, seq = args.batch or preset.batch, args.seq or preset.seq
 
+  load_before = _loadavg()
+  print(f"loadavg before: {load_before}", flush=True)
   runners = {}
   if not args.no_jax:
     setup = jax_step.Setup(preset, args.dtype, batch=batch, seq=seq)
@@ -183,8 +185,24 @@ def main(argv=None) -> dict:
         f"{k} {v:.1f}" for k, v in payload["matmul_gflops"].items()))
   print("\njax_over_torch = this implementation's median step time / JAX's (JAX/PyTorch throughput ratio); "
         "steps alternate between implementations in one process")
+  payload["loadavg"] = {"before": load_before, "after": _loadavg()}
+  print(f"loadavg after: {payload['loadavg']['after']}")
+  if jax_s:
+    torch_s = common.median(times["torch-eager"])
+    print(f"RATIO {preset.name} {args.dtype} batch={batch} seq={seq}: JAX/PyTorch-eager throughput "
+          f"{torch_s / jax_s:.2f}x (step median: jax {jax_s:.2f} s, torch-eager {torch_s:.2f} s, "
+          f"{args.steps} alternating steps; loadavg before {load_before}, after {payload['loadavg']['after']})")
   common.write_json(args.out, payload)
   return payload
+
+
+def _loadavg() -> str:
+  """The 1/5/15-minute load averages (``/proc/loadavg``), or ``"n/a"``."""
+  try:
+    with open("/proc/loadavg") as f:
+      return " ".join(f.read().split()[:3])
+  except OSError:
+    return "n/a"
 
 
 if __name__ == "__main__":
