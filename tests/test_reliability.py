@@ -264,8 +264,16 @@ def test_sigkill_mid_save_and_at_random_moments_then_resume_is_exact(tmp_path, t
   args = train_args(tiny_gpt2, run_dir)
   slow = with_faults(env, step_delay=delay)
   ckpts = run_dir / "checkpoints"
-  saving = lambda log: ckpts.is_dir() and any("tmp" in p.name for p in ckpts.iterdir())  # noqa: E731
-  assert _kill(args, slow, tmp_path / "kill0.log", saving, 0.0)
+  unfinished = lambda: [p.name for p in ckpts.iterdir() if "tmp" in p.name] if ckpts.is_dir() else []  # noqa: E731
+  for attempt in range(3):  # until a kill lands before the save's commit (a save may finish first)
+    assert _kill(args, slow, tmp_path / f"kill0_{attempt}.log", lambda log: bool(unfinished()), 0.0)
+    left = unfinished()
+    if left:
+      break
+  # The kill landed mid-save: the step's temporary directory is there and that step is not finished.
+  assert left, "no SIGKILL landed while a save was in flight"
+  step_of = lambda name: int(name.split(".")[0])  # noqa: E731
+  assert not {step_of(n) for n in left} & {int(p.name) for p in ckpts.iterdir() if p.name.isdigit()}, left
   rng = random.Random(0)
   for i in (1, 2):  # once the resumed loop logs a new step, kill it at a random moment of the rest
     resume = max((int(p.name) for p in ckpts.iterdir() if p.name.isdigit()), default=0)
