@@ -36,11 +36,14 @@ def setup(tmp_path_factory):
   return {"root": root, "teacher": str(teacher), "student": str(student), "text": str(text)}
 
 
-def _config(setup, run, *extra):
-  return config_lib.load_config(None, [
+RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "cross_tokenizer.yaml")
+
+
+def _config(setup, run, *extra, recipe=None):
+  return config_lib.load_config(recipe, [
       f"teacher.path={setup['teacher']}", "teacher.task=causal_lm", "student.init=path",
       f"student.path={setup['student']}",
-      "objective.terms=[{loss: uld, temperature: 2.0, weight: 0.5}, {loss: hybrid_uld}]",
+      *([] if recipe else ["objective.terms=[{loss: uld, temperature: 2.0, weight: 0.5}, {loss: hybrid_uld}]"]),
       f"data.source={setup['text']}", "data.max_length=16", "data.global_batch_size=8",
       "data.validation_split=null", "data.buckets=false", "logging.progress_bar=false",
       "logging.tensorboard=false", "train.log_every=1", "eval.before_and_after=false", "export.enabled=false",
@@ -70,8 +73,12 @@ def test_the_teacher_runs_on_its_own_tokens_and_the_step_equals_the_objective(se
 
 
 @pytest.mark.slow  # end to end: 48 s on the shared 2-core machine
-def test_train_across_tokenizers(setup):
-  result = trainer.train(_config(setup, "train"))
+def test_train_across_tokenizers_with_the_recipe(setup):
+  cfg = _config(setup, "train", "data.name=null", "optimizer.warmup_steps=0", "train.eval_every=0",
+                "train.eval_batches=1", "checkpoint.every=0", "data.prefetch=0", "data.num_workers=0",
+                recipe=RECIPE)
+  assert [t.loss for t in cfg.objective.terms] == ["hybrid_uld", "uld", "cross_entropy"]
+  result = trainer.train(cfg)
   assert result.step == 3
   rows = [r for r in result.history if "loss" in r or "train/loss" in r]
   assert rows

@@ -170,7 +170,8 @@ def test_every_config_has_a_run_test():
   tested = {"default.yaml", "bert_to_distilbert_cls.yaml", "distilbert_mlm.yaml", "tinybert_general.yaml",
             "minilm.yaml", "gpt2_to_small.yaml", "llama_logit_kd.yaml", "gkd.yaml", "seq_kd.yaml",
             "self_distill.yaml", "cache_then_train.yaml",
-            "multi_teacher.yaml", "tpu_pod.yaml", "gpu.yaml"}
+            "multi_teacher.yaml", "tpu_pod.yaml", "gpu.yaml",
+            "cross_tokenizer.yaml"}  # run in tests/test_cross_tokenizer_train.py (two tokenizers)
   assert {os.path.basename(p) for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))} == tested
 
 
