@@ -109,7 +109,7 @@ class _Layer(nn.Module):
     a_BxTxH = layers.dense(s.hidden_size, ("heads", "head_dim", "embed"), use_bias=True, dtype=self.dtype,
                            name="attention_out", stddev=std, in_axes=(-2, -1))(out_BxTxNxD)
     a_BxTxH = layers.name_checkpoint(layers.constrain(a_BxTxH, _HIDDEN_AXES, mesh), "attn_out")
-    if s.family != "distilbert":
+    if s.traits.attention_out_dropout:
       a_BxTxH = nn.Dropout(s.hidden_dropout_prob)(a_BxTxH, deterministic=self.deterministic)
     h_BxTxH = layers.LayerNorm(s.layer_norm_eps, self.dtype, name="attention_norm")(a_BxTxH + h_BxTxH)
     f_BxTxF = layers.dense(s.intermediate_size, ("embed", "mlp"), use_bias=True, dtype=self.dtype, name="mlp_in",
@@ -131,6 +131,10 @@ class _Layer(nn.Module):
     if "values" in self.want:
       ys["values"] = v_BxTxNxD.reshape(*v_BxTxNxD.shape[:2], -1)
     return h_BxTxH, ys
+
+
+# The classification heads' pooler activations (`EncoderTraits.pooler_activation`).
+_POOLER_ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
 
 
 class Encoder(nn.Module):
@@ -232,13 +236,9 @@ class Encoder(nn.Module):
     dropout = nn.Dropout(s.classifier_dropout)
     pooler = layers.dense(s.hidden_size, ("embed", None), use_bias=True, dtype=self.dtype, name="pooler",
                           stddev=std)
-    if s.family == "bert":
-      x_BxH = dropout(jnp.tanh(pooler(first_BxH)), deterministic=deterministic)
-    elif s.family == "roberta":
-      x_BxH = jnp.tanh(pooler(dropout(first_BxH, deterministic=deterministic)))
-      x_BxH = dropout(x_BxH, deterministic=deterministic)
-    else:
-      x_BxH = dropout(jax.nn.relu(pooler(first_BxH)), deterministic=deterministic)
+    x_BxH = dropout(first_BxH, deterministic=deterministic) if s.traits.dropout_before_pooler else first_BxH
+    x_BxH = _POOLER_ACTIVATIONS[s.traits.pooler_activation](pooler(x_BxH))
+    x_BxH = dropout(x_BxH, deterministic=deterministic)
     logits_BxC = layers.dense(s.num_labels, ("embed", "classes"), use_bias=True, dtype=self.dtype,
                               name="classifier", stddev=std)(x_BxH)
     return logits_BxC.astype(jnp.float32)

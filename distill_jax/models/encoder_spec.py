@@ -38,6 +38,9 @@ class EncoderTraits:
     mlm_names: (dense, norm, decoder, bias) weights of the MLM head.
     classifier_names: (pooler, classifier) of the classification head; the pooler is
       in the base model when `pooler_in_base`.
+    attention_out_dropout: dropout on the attention output before its residual (not DistilBERT).
+    pooler_activation: of the classification head's pooler (`tanh`; DistilBERT `relu`).
+    dropout_before_pooler: the classification head drops out its input too (RoBERTa).
   """
 
   model_type: str
@@ -54,6 +57,9 @@ class EncoderTraits:
                                           "cls.predictions.decoder", "cls.predictions.bias")
   classifier_names: tuple[str, str] = ("pooler.dense", "classifier")
   pooler_in_base: bool = False
+  attention_out_dropout: bool = True
+  pooler_activation: str = "tanh"
+  dropout_before_pooler: bool = False
 
   def config_name(self, field: str) -> str:
     """This family's config name of the BERT field `field`."""
@@ -79,7 +85,7 @@ _BERT_DEFAULTS = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, n
 register(EncoderTraits("bert", "Bert", "bert", defaults=_BERT_DEFAULTS, pooler_in_base=True))
 register(EncoderTraits("roberta", "Roberta", "roberta", defaults={**_BERT_DEFAULTS, "vocab_size": 50265,
                                                                   "pad_token_id": 1},
-                       positions_from_pad=True, exact_gelu_mlm=True,
+                       positions_from_pad=True, exact_gelu_mlm=True, dropout_before_pooler=True,
                        mlm_names=("lm_head.dense", "lm_head.layer_norm", "lm_head.decoder", "lm_head.bias"),
                        classifier_names=("classifier.dense", "classifier.out_proj")))
 register(EncoderTraits(
@@ -91,7 +97,7 @@ register(EncoderTraits(
                   n_heads=12, dim=768, hidden_dim=3072, dropout=0.1, attention_dropout=0.1, activation="gelu",
                   initializer_range=0.02, seq_classif_dropout=0.2, pad_token_id=0, tie_word_embeddings=True),
     fixed_layer_norm_eps=1e-12,  # hard-coded in modeling_distilbert.py
-    token_types=False, bert_layout=False,
+    token_types=False, bert_layout=False, attention_out_dropout=False, pooler_activation="relu",
     mlm_names=("vocab_transform", "vocab_layer_norm", "vocab_projector", "vocab_projector.bias"),
     classifier_names=("pre_classifier", "classifier")))
 
