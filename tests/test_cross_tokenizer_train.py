@@ -85,6 +85,8 @@ def test_train_across_tokenizers_with_the_recipe(setup):
   for row in rows:
     loss = row.get("loss", row.get("train/loss"))
     assert math.isfinite(loss) and loss > 0
+  names = {m["name"] for m in result.report["metrics"]}
+  assert "perplexity" in names and "top1_agreement" not in names  # no position-wise comparison across tokenizers
 
 
 @pytest.mark.parametrize("extra, match", [

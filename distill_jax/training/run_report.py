@@ -80,6 +80,11 @@ def _agreement(run: Run, student_params: Any) -> dict[str, float]:
   # Host arrays, as the initial params are: the undistilled and the distilled student then
   # share one compiled eval step instead of one per input sharding.
   student_params = jax.device_get(student_params)
+  if run.cross_tokenizer is not None and run.cross_tokenizer.teacher == run.main_teacher:
+    # Its logits are over other tokens at other positions: the student's own metrics only.
+    metrics = evaluate_lib.evaluate(run.student, student_params, run.student, student_params,
+                                    _agreement_batches(run), max_batches=max_batches)
+    return {k: v for k, v in metrics.items() if k in ("nll", "perplexity", "num_tokens", "num_examples")}
   metrics = evaluate_lib.evaluate(run.student, student_params, teacher, t_params, _agreement_batches(run),
                                   max_batches=max_batches, shared_vocab=run.shared_vocab)
   if run.main_teacher in run.caches:  # its own NLL would be of the tail-spread completion: not reported

@@ -56,6 +56,7 @@ class Run:
     initial_student_params: the undistilled student's params on the host.
     shared_vocab: the vocabulary the student's logits are compared over with the main teacher.
     caches: the cached teachers (never loaded).
+    cross_tokenizer: the teacher that runs on its own tokens of each row, or None.
   """
 
   config: config_lib.Config
@@ -73,6 +74,7 @@ class Run:
   initial_student_params: Params
   shared_vocab: Optional[int]
   caches: dict[str, teacher_cache.TeacherCache] = dataclasses.field(default_factory=dict)
+  cross_tokenizer: Optional[CrossTokenizer] = None
 
   def batch_extras(self, split: str) -> dict[str, Any]:
     """``{batch key: rows reader}`` of the cached teachers for the data pipeline's `split`."""
@@ -466,7 +468,7 @@ def build_run(cfg: config_lib.Config) -> Run:
     t_params = step_lib.replicate({n: t.params for n, t in teachers.items()})
     step_fn = step_lib.make_pmap_step(**step_kw)
   return Run(cfg, student, teachers, objective, train_ex, eval_ex, transform, mesh, optimizer, step_fn, state,
-             t_params, initial_student, shared_vocab, caches)
+             t_params, initial_student, shared_vocab, caches, cross)
 
 
 def host_state(run: Run, state: Any) -> Any:
