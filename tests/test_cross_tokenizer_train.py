@@ -103,3 +103,17 @@ def test_bad_input_is_one_line_before_any_model_loads(setup, extra, match, monke
   monkeypatch.setattr(run_setup, "_load_models", no_loading)
   with pytest.raises(ValueError, match=match):
     run_setup.build_run(_config(setup, "bad", *extra))
+
+
+def test_a_slow_tokenizer_is_one_line_before_any_model_loads(setup, monkeypatch):
+  import shutil
+
+  import transformers
+
+  slow_dir = setup["root"] / "slow_student"
+  shutil.copytree(setup["student"], slow_dir, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+  transformers.ByT5Tokenizer().save_pretrained(slow_dir)  # no fast version: no offsets
+  monkeypatch.setattr(run_setup, "_load_models", lambda *a, **k: pytest.fail("a model was loaded"))
+  with pytest.raises(ValueError, match=r"^student\.path: cross-tokenizer alignment needs a fast tokenizer "
+                                       r"\(character offsets\); got slow ByT5Tokenizer$"):
+    run_setup.build_run(_config(setup, "slow", f"student.path={slow_dir}"))
