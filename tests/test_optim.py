@@ -19,8 +19,9 @@ def _updates(tx, steps=6):
   params = {"dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones((3,))}}
   grads = jax.tree.map(lambda p: 0.5 * jnp.ones_like(p), params)
   opt_state, out = tx.init(params), []
+  update = jax.jit(tx.update)
   for _ in range(steps):
-    updates, opt_state = tx.update(grads, opt_state, params)
+    updates, opt_state = update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     out.append(np.asarray(updates["dense"]["kernel"]))
   return np.stack(out)
