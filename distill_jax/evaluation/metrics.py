@@ -10,6 +10,10 @@ Label convention for language modelling: ``labels[b, t]`` is the target of
 ``logits[b, t]`` (already shifted for causal LM); a position counts where
 ``loss_mask`` (if present) and ``attention_mask`` are set and ``labels >= 0``.
 
+A causal LM with a head (``Model.head``) is scored from its final hidden states and
+unembedding in chunks of the sequence (``chunk_size``), never forming `[B, T, V]` logits;
+``chunk_size=None`` (or a model without ``head``) scores its logits.
+
 Metric names returned by :func:`evaluate`, per task:
 
 * ``causal_lm`` / ``masked_lm``: ``nll``, ``perplexity``, ``teacher_nll``,
@@ -248,23 +252,61 @@ def similarity_spearman(student_NxH: np.ndarray, teacher_NxM: np.ndarray) -> flo
 # ---------------------------------------------------------------------- evaluation
 
 
-def outputs_for_task(task: str) -> tuple[str, ...]:
-  """The model outputs that evaluation needs for ``task``."""
+def outputs_for_task(task: str, *, chunked: bool = False) -> tuple[str, ...]:
+  """The model outputs that evaluation needs for ``task`` (``chunked``: a causal LM's trunk only)."""
   if task not in TASKS:
     raise ValueError(f"task: {task!r} is not one of {', '.join(TASKS)}")
-  return ("pooled",) if task == "encoder" else ("logits",)
+  if task == "encoder":
+    return ("pooled",)
+  return ("final_hidden",) if chunked and task == "causal_lm" else ("logits",)
+
+
+def _has_head(model: Any) -> bool:
+  """Whether ``model`` gives its unembedding (`Model.head`); a bare ``apply`` is scored by its logits."""
+  return callable(getattr(model, "head", None))
+
+
+def _chunked_lm_stats(student_out: Any, teacher_out: Any, heads: tuple[Any, Any], where: jax.Array,
+                      labels_BxT: Optional[jax.Array], label_mask_BxT: Optional[jax.Array],
+                      shared_vocab: Optional[int], chunk_size: int) -> dict[str, Any]:
+  """The causal-LM statistics of `batch_stats` from final hidden states and heads, chunked."""
+  (s_h, s_head), (t_h, t_head) = (student_out.final_hidden, heads[0]), (teacher_out.final_hidden, heads[1])
+  stats: dict[str, Any] = {}
+  if labels_BxT is not None:
+    for name, h, head in (("nll", s_h, s_head), ("teacher_nll", t_h, t_head)):
+      values = losses.chunked_cross_entropy(h, head.kernel, labels_BxT, where=label_mask_BxT, bias=head.bias,
+                                            softcap=head.softcap, chunk_size=chunk_size)
+      stats[name] = losses.masked_sum_and_count(values, label_mask_BxT)
+  widths = (s_head.kernel.shape[-1], t_head.kernel.shape[-1])
+  kept = [w if shared_vocab is None else min(w, shared_vocab) for w in widths]  # as `_shared` slices logits
+  if kept[0] != kept[1]:
+    raise ValueError(f"shared_vocab: student has {kept[0]} output classes, teacher {kept[1]}; "
+                     f"pass shared_vocab=<size of the common vocabulary>")
+  cut = kept[0] if kept[0] < max(widths) else None
+  argmax = [losses.chunked_argmax(h, head.kernel, bias=head.bias, softcap=head.softcap, vocab=cut,
+                                  chunk_size=chunk_size) for h, head in ((s_h, s_head), (t_h, t_head))]
+  stats["top1_agreement"] = losses.masked_sum_and_count(argmax[0] == argmax[1], where)
+  values = losses.chunked_forward_kl(s_h, s_head.kernel, t_h, t_head.kernel, where=where, student_bias=s_head.bias,
+                                     teacher_bias=t_head.bias, student_softcap=s_head.softcap,
+                                     teacher_softcap=t_head.softcap, vocab=cut, chunk_size=chunk_size)
+  stats["kl_teacher_student"] = losses.masked_sum_and_count(values, where)
+  return stats
 
 
 def batch_stats(student_out: Any, teacher_out: Any, batch: Mapping[str, jax.Array], *,
-                task: str, shared_vocab: Optional[int] = None) -> dict[str, Any]:
+                task: str, shared_vocab: Optional[int] = None, heads: Optional[tuple[Any, Any]] = None,
+                chunk_size: int = losses.DEFAULT_CHUNK_SIZE) -> dict[str, Any]:
   """Additive per-batch statistics for ``task`` (pure, jittable).
 
   Args:
-    student_out: student ``ModelOutputs`` (``logits`` or ``pooled`` set).
+    student_out: student ``ModelOutputs`` (``logits``, ``pooled``, or with `heads` ``final_hidden`` set).
     teacher_out: teacher ``ModelOutputs``.
     batch: the batch both were computed on.
     task: one of :data:`TASKS`.
     shared_vocab: compare logits over the first ``shared_vocab`` entries only.
+    heads: ``(student, teacher)`` `Model.head`s: causal-LM statistics from ``final_hidden``,
+      chunked (``chunk_size`` sequence positions at a time), never forming logits.
+    chunk_size: see `heads`.
 
   Returns:
     A dict of ``(sum, count)`` pairs and, for classification, ``[C, C]`` confusion
@@ -276,6 +318,15 @@ def batch_stats(student_out: Any, teacher_out: Any, batch: Mapping[str, jax.Arra
     s_BxH, t_BxM = student_out.pooled, teacher_out.pooled
     if s_BxH.shape[-1] == t_BxM.shape[-1]:
       stats["embedding_cosine"] = cosine_sum_and_count(s_BxH, t_BxM, ex_mask_B)
+    return stats
+  if heads is not None:
+    where = token_mask(batch)
+    stats["num_tokens"] = (where.sum().astype(jnp.float32), 1.0)
+    labels = label_mask = None
+    if "labels" in batch:
+      labels, label_mask = jnp.asarray(batch["labels"]), token_mask(batch, require_labels=True)
+    stats.update(_chunked_lm_stats(student_out, teacher_out, heads, where, labels, label_mask, shared_vocab,
+                                   chunk_size))
     return stats
   s_logits, t_logits = student_out.logits, teacher_out.logits
   has_labels = "labels" in batch
@@ -334,10 +385,13 @@ def apply_kwargs(outputs: tuple[str, ...], pooling: Optional[str]) -> dict[str, 
 
 def _eval_step(student_apply: Callable, teacher_apply: Callable, task: str,
                shared_vocab: Optional[int], apply_kwargs: dict[str, Any],
-               student_params: Any, teacher_params: Any, batch: Mapping[str, jax.Array]):
+               student_params: Any, teacher_params: Any, batch: Mapping[str, jax.Array], *,
+               head_fns: Optional[tuple[Callable, Callable]] = None, chunk_size: int = losses.DEFAULT_CHUNK_SIZE):
   student_out = student_apply(student_params, batch, **apply_kwargs)
   teacher_out = teacher_apply(teacher_params, batch, **apply_kwargs)
-  stats = batch_stats(student_out, teacher_out, batch, task=task, shared_vocab=shared_vocab)
+  heads = None if head_fns is None else (head_fns[0](student_params), head_fns[1](teacher_params))
+  stats = batch_stats(student_out, teacher_out, batch, task=task, shared_vocab=shared_vocab, heads=heads,
+                      chunk_size=chunk_size)
   if task == "encoder":
     return stats, (student_out.pooled, teacher_out.pooled)
   return stats, None
@@ -350,7 +404,8 @@ _STEP_CACHE_SIZE = 8
 
 
 def make_eval_step(student: Any, teacher: Any, *, shared_vocab: Optional[int] = None,
-                   pooling: Optional[str] = None) -> Callable:
+                   pooling: Optional[str] = None,
+                   chunk_size: Optional[int] = losses.DEFAULT_CHUNK_SIZE) -> Callable:
   """The jitted ``(student_params, teacher_params, batch) -> (stats, pooled)`` step.
 
   Cached per (student, teacher, shared_vocab, pooling), so repeated evaluations during
@@ -361,6 +416,8 @@ def make_eval_step(student: Any, teacher: Any, *, shared_vocab: Optional[int] = 
     teacher: a model with the same ``.task``.
     shared_vocab: see :func:`batch_stats`.
     pooling: forwarded to ``apply`` when not ``None``.
+    chunk_size: causal LMs with a ``head`` are scored from final hidden states in chunks of
+      this many sequence positions; ``None``: from their logits.
 
   Returns:
     The jitted step; ``pooled`` is ``(student [B, H], teacher [B, M])`` for encoders.
@@ -368,21 +425,26 @@ def make_eval_step(student: Any, teacher: Any, *, shared_vocab: Optional[int] = 
   task = student.task
   if teacher.task != task:
     raise ValueError(f"task: student is {task!r} but teacher is {teacher.task!r}")
-  key = (id(student), id(teacher), shared_vocab, pooling)
+  chunked = chunk_size is not None and task == "causal_lm" and _has_head(student) and _has_head(teacher)
+  if chunked:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+      raise ValueError(f"chunk_size: {chunk_size!r} must be a positive integer or None (logits)")
+  key = (id(student), id(teacher), shared_vocab, pooling, chunk_size if chunked else None)
   if key not in _STEP_CACHE:
     if len(_STEP_CACHE) >= _STEP_CACHE_SIZE:
       del _STEP_CACHE[next(iter(_STEP_CACHE))]
+    extra = dict(head_fns=(student.head, teacher.head), chunk_size=chunk_size) if chunked else {}
     step = jax.jit(functools.partial(
         _eval_step, student.apply, teacher.apply, task, shared_vocab,
-        apply_kwargs(outputs_for_task(task), pooling)))
+        apply_kwargs(outputs_for_task(task, chunked=chunked), pooling), **extra))
     _STEP_CACHE[key] = (student, teacher, step)
   return _STEP_CACHE[key][2]
 
 
 def evaluate(student: Any, student_params: Any, teacher: Any, teacher_params: Any,
              batches: Iterable[Mapping[str, Any]], *, max_batches: Optional[int] = None,
-             shared_vocab: Optional[int] = None, pooling: Optional[str] = None
-             ) -> dict[str, float]:
+             shared_vocab: Optional[int] = None, pooling: Optional[str] = None,
+             chunk_size: Optional[int] = losses.DEFAULT_CHUNK_SIZE) -> dict[str, float]:
   """Task metrics and teacher agreement of ``student`` over ``batches``.
 
   Args:
@@ -395,11 +457,13 @@ def evaluate(student: Any, student_params: Any, teacher: Any, teacher_params: An
     max_batches: stop after this many batches.
     shared_vocab: compare logits over the first ``shared_vocab`` entries only.
     pooling: forwarded to ``apply`` when not ``None``.
+    chunk_size: causal LMs with a ``head``: sequence positions per chunk of the vocabulary-wide
+      statistics (never forming `[B, T, V]` logits); ``None``: from their logits.
 
   Returns:
     ``{metric name: value}``; the names per task are listed in the module docstring.
   """
-  step = make_eval_step(student, teacher, shared_vocab=shared_vocab, pooling=pooling)
+  step = make_eval_step(student, teacher, shared_vocab=shared_vocab, pooling=pooling, chunk_size=chunk_size)
   per_batch, pooled, masks = [], [], []
   for i, batch in enumerate(batches):
     if max_batches is not None and i >= max_batches:

@@ -118,7 +118,8 @@ class Model:
   @property
   def capabilities(self) -> frozenset[str]:
     """The output names `apply` can give for this task (an encoder has no logits)."""
-    return frozenset(n for n in OUTPUT_NAMES if not (n == "logits" and self.task == "encoder"))
+    return frozenset(n for n in OUTPUT_NAMES if not (n == "logits" and self.task == "encoder")
+                     and not (n == "head" and self.task != "causal_lm"))
 
   def check_outputs(self, outputs: Sequence[str] | str) -> tuple[str, ...]:
     outputs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
@@ -155,11 +156,13 @@ class Model:
     dropout = train and rng is not None
     result = self.module.apply(
         {"params": params}, input_ids, attention_mask, batch.get("position_ids"), batch.get("token_type_ids"),
-        want=frozenset(outputs) - {"pooled", "final_hidden"}, deterministic=not dropout,
+        want=frozenset(outputs) - {"pooled", "final_hidden", "head"}, deterministic=not dropout,
         rngs={"dropout": rng} if dropout else {})
-    fields = {name: result[name] for name in outputs if name not in ("pooled", "final_hidden")}
+    fields = {name: result[name] for name in outputs if name not in ("pooled", "final_hidden", "head")}
     if "final_hidden" in outputs:
       fields["final_hidden"] = result["last_hidden"]
+    if "head" in outputs:
+      fields["head"] = self.head(params)
     if "pooled" in outputs:
       fields["pooled"] = pool(result["last_hidden"], attention_mask, pooling)
     return ModelOutputs(**fields)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import flax.struct
 import jax
@@ -10,7 +10,8 @@ import jax.numpy as jnp
 
 TASKS = ("causal_lm", "masked_lm", "sequence_classification", "encoder")
 LM_TASKS = ("causal_lm", "masked_lm")  # tasks whose logits are per token
-OUTPUT_NAMES = ("logits", "hidden_states", "attention_scores", "attention_probs", "values", "pooled", "final_hidden")
+OUTPUT_NAMES = ("logits", "hidden_states", "attention_scores", "attention_probs", "values", "pooled", "final_hidden",
+                "head")
 POOLINGS = ("mean", "cls")
 
 
@@ -31,6 +32,8 @@ class ModelOutputs:
     pooled: ``[B, H]`` mean-pooled (over ``attention_mask``) or CLS embedding.
     final_hidden: ``[B, T, H]`` the trunk's output (after a decoder's final norm), in the
       compute dtype: with `Model.head` it gives the logits without forming them.
+    head: the causal LM's `Head` (``Model.head(params)``), so that a loss can chunk the
+      vocabulary from ``final_hidden`` and the params it was computed with.
   """
 
   logits: Optional[jax.Array] = None
@@ -40,10 +43,14 @@ class ModelOutputs:
   values: Optional[jax.Array] = None
   pooled: Optional[jax.Array] = None
   final_hidden: Optional[jax.Array] = None
+  head: Optional["Head"] = None
 
 
-class Head(NamedTuple):
+@flax.struct.dataclass
+class Head:
   """A causal LM's unembedding: ``logits = cap · tanh((final_hidden @ kernel + bias) / cap)[..., :vocab]``.
+
+  A pytree of its arrays; ``softcap`` and ``vocab`` are static (they survive ``jax.tree.map``).
 
   Attributes:
     kernel: ``[H, V]`` in the compute dtype (a tied head: the embedding transposed).
@@ -54,8 +61,8 @@ class Head(NamedTuple):
 
   kernel: jax.Array
   bias: Optional[jax.Array]
-  softcap: Optional[float]
-  vocab: int
+  softcap: Optional[float] = flax.struct.field(pytree_node=False)
+  vocab: int = flax.struct.field(pytree_node=False)
 
 
 def pool(hidden_BxTxH: jax.Array, mask_BxT: jax.Array, pooling: str) -> jax.Array:

@@ -12,6 +12,11 @@ A teacher known only by its cached top-k rows is a `CachedTeacher` (the data lay
 teacher cache is one): it carries its own batch key and decoder, so the objective needs
 neither the config nor the cache's code.
 
+Logit and label terms of a causal LM never form `[B, T, V]` logits by default: when every
+term that reads ``logits`` can be chunked (`CHUNKED`), the models are asked for their
+``final_hidden`` states and ``head`` instead, and the terms run the ``losses.chunked_*`` forms
+over ``chunk_size`` sequence positions at a time (``chunk_size=None``: the logits path).
+
 Metrics are ``{name: (sum, count)}`` with padding excluded; the loss is
 ``Σ weight · sum / count``.
 """
@@ -185,13 +190,36 @@ def _bind_cross_tokenizer(i: int, term: Term, student, teacher, name: str) -> di
   return {"shared": (tuple(int(v) for v in s_ids[keep]), tuple(int(v) for v in t_ids[keep]))}
 
 
-def build_objective(terms: Sequence[Mapping[str, Any] | Term], *, student, teachers: Mapping[str, Any]) -> Objective:
+# The chunked form of each loss that a causal LM's final hidden states + head can feed.
+CHUNKED: dict[str, Callable[..., jax.Array]] = {
+    "forward_kl": losses.chunked_forward_kl, "reverse_kl": losses.chunked_reverse_kl,
+    "generalized_jsd": losses.chunked_generalized_jsd, "skew_kl": losses.chunked_skew_kl,
+    "skew_reverse_kl": losses.chunked_skew_reverse_kl, "total_variation": losses.chunked_total_variation,
+    "ensemble_kl": losses.chunked_ensemble_kl, "cross_entropy": losses.chunked_cross_entropy,
+    "sparse_forward_kl": losses.chunked_sparse_forward_kl, "sparse_reverse_kl": losses.chunked_sparse_reverse_kl,
+    "sparse_generalized_jsd": losses.chunked_sparse_generalized_jsd,
+}
+
+
+def _chunkable(terms: Sequence[Term], student, teachers: Mapping[str, Any]) -> bool:
+  """Whether every consumer of ``logits`` has a chunked form and every model it reads is a causal LM head."""
+  readers = [t for t in terms if "logits" in LOSSES[t.loss].outputs]
+  if not readers or any(t.loss not in CHUNKED for t in readers):
+    return False
+  live = {n for t in readers for n in t.teachers if not isinstance(teachers[n], CachedTeacher)}
+  return all("head" in frozenset(m.capabilities) for m in [student] + [teachers[n] for n in live])
+
+
+def build_objective(terms: Sequence[Mapping[str, Any] | Term], *, student, teachers: Mapping[str, Any],
+                    chunk_size: Optional[int] = losses.DEFAULT_CHUNK_SIZE) -> Objective:
   """Validates ``terms`` against the models and returns the `Objective`.
 
   Args:
     terms: `Term`s (e.g. ``Config.resolved_terms()``) or term mappings.
     student: the student `Model`.
     teachers: ``{name: Model}``; terms refer to these names (default ``"teacher"``).
+    chunk_size: sequence positions per chunk of the logit terms of causal LMs, computed from
+      final hidden states and heads (never `[B, T, V]`); None: from the models' logits.
 
   Raises:
     ValueError: one line naming ``objective.terms[i].<field>``, before any compilation.
@@ -199,7 +227,11 @@ def build_objective(terms: Sequence[Mapping[str, Any] | Term], *, student, teach
   validated = validate_terms(terms)
   bound = tuple(_bind(i, term, student, teachers) for i, term in enumerate(validated))
   cached = {n: m for n, m in teachers.items() if isinstance(m, CachedTeacher)}
-  return Objective(bound, student.hidden_size, {n: m.hidden_size for n, m in teachers.items()}, cached)
+  if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+    raise ValueError(f"objective.chunk_size: {chunk_size!r} must be a positive integer or null (the logits path)")
+  chunked = chunk_size is not None and _chunkable(validated, student, teachers)
+  return Objective(bound, student.hidden_size, {n: m.hidden_size for n, m in teachers.items()}, cached,
+                   chunk_size=chunk_size if chunked else None)
 
 
 # --------------------------------------------------------------------------- the objective
@@ -252,11 +284,13 @@ class Objective:
     teacher_names: live teachers the terms use (the step runs only these).
     cached: ``{teacher_name: CachedTeacher}``: teachers whose packed top-k rows the batch
       carries (under ``cached[name].batch_key``).
+    chunk_size: set when the logit terms run chunked from ``final_hidden`` + ``head``.
   """
 
   def __init__(self, bound: Sequence[_Bound], student_hidden: int, teacher_hidden: Mapping[str, int],
-               cached: Optional[Mapping[str, Any]] = None):
+               cached: Optional[Mapping[str, Any]] = None, *, chunk_size: Optional[int] = None):
     self.bound = tuple(bound)
+    self.chunk_size = chunk_size
     self.terms = tuple(b.term for b in self.bound)
     self.cached = dict(cached or {})
     self.teacher_names = tuple(sorted({n for t in self.terms for n in t.teachers} - set(self.cached)))
@@ -269,6 +303,8 @@ class Objective:
     for term in self.terms:
       if role == "student" or role in term.teachers:
         needed.update(LOSSES[term.loss].outputs)
+    if self.chunk_size is not None and "logits" in needed:
+      needed = (needed - {"logits"}) | {"final_hidden", "head"}
     return tuple(sorted(needed))
 
   def init_projections(self, rng: jax.Array) -> dict[str, Any]:
@@ -310,9 +346,11 @@ class Objective:
     mask_BxT = batch["attention_mask"].astype(bool)
     loss = jnp.zeros((), jnp.float32)
     metrics = {}
+    # Outputs computed with `logits` (not `outputs_for`'s final_hidden + head) take the logits path.
+    chunk_size = self.chunk_size if getattr(student_out, "head", None) is not None else None
     for b in self.bound:
       ctx = _Inputs(b, LOSSES[b.term.loss], student_out, teacher_outs, batch, mask_BxT,
-                    projection_params.get(b.term.name), step, axis_name, logit_where, self.cached)
+                    projection_params.get(b.term.name), step, axis_name, logit_where, self.cached, chunk_size)
       total, count = _HANDLERS[ctx.spec.inputs](ctx)
       metrics[b.term.name] = (total, count)
       global_count = count if axis_name is None else lax.psum(count, axis_name)
@@ -350,6 +388,7 @@ class _Inputs:
   axis_name: Optional[str]
   logit_where: Optional[jax.Array]
   cached: Mapping[str, CachedTeacher]
+  chunk_size: Optional[int] = None  # set: logit terms from final_hidden + head, chunked
 
   @property
   def term(self) -> Term:
@@ -368,7 +407,7 @@ class _Inputs:
 def _logit_positions(x: _Inputs) -> jax.Array:
   """Where a token-level logit/label term counts: the on-policy tokens, the loss mask
   (``positions: labels``) or every real token; per example for sequence classification."""
-  classify = x.s_out.logits.ndim == 2
+  classify = x.chunk_size is None and x.s_out.logits.ndim == 2
   if x.logit_where is not None and not classify:
     return x.logit_where
   if x.term.positions == "labels" and not classify:
@@ -380,13 +419,41 @@ def _student_logits(x: _Inputs) -> jax.Array:
   return x.s_out.logits if x.b.vocab is None else x.s_out.logits[..., :x.b.vocab]
 
 
+def _head_kwargs(role: str, out: Any) -> dict[str, Any]:
+  """A chunked loss's head keyword arguments of ``out`` (``role``: ``student`` or ``teacher``)."""
+  return {f"{role}_bias": out.head.bias, f"{role}_softcap": out.head.softcap}
+
+
 def _labels_term(x: _Inputs) -> tuple[jax.Array, jax.Array]:
   where = _logit_positions(x)
+  if x.chunk_size is not None:
+    head = x.s_out.head
+    values = CHUNKED[x.term.loss](x.s_out.final_hidden, head.kernel, x.batch["labels"], where=where, bias=head.bias,
+                                  softcap=head.softcap, vocab=x.b.vocab, chunk_size=x.chunk_size,
+                                  **_kwargs(x.spec, x.term))
+    return losses.masked_sum_and_count(values, where)
   values = x.spec.fn(_student_logits(x), x.batch["labels"], where=where, **_kwargs(x.spec, x.term))
   return losses.masked_sum_and_count(values, where)
 
 
+def _chunked_logits_term(x: _Inputs) -> tuple[jax.Array, jax.Array]:
+  where, s = _logit_positions(x), x.s_out
+  kw = dict(_kwargs(x.spec, x.term, temperature=temperature_at(x.term, x.step)), where=where,
+            chunk_size=x.chunk_size, vocab=x.b.vocab, **_head_kwargs("student", s))
+  fn = CHUNKED[x.term.loss]
+  if x.spec.multi_teacher:
+    outs = [x.t_outs[n] for n in x.term.teachers]
+    values = fn(s.final_hidden, s.head.kernel, [o.final_hidden for o in outs], [o.head.kernel for o in outs],
+                teacher_biases=[o.head.bias for o in outs], teacher_softcaps=[o.head.softcap for o in outs], **kw)
+  else:
+    values = fn(s.final_hidden, s.head.kernel, x.t_out.final_hidden, x.t_out.head.kernel,
+                **_head_kwargs("teacher", x.t_out), **kw)
+  return losses.masked_sum_and_count(values, where)
+
+
 def _logits_term(x: _Inputs) -> tuple[jax.Array, jax.Array]:
+  if x.chunk_size is not None:
+    return _chunked_logits_term(x)
   where, s_logits = _logit_positions(x), _student_logits(x)
   temperature = temperature_at(x.term, x.step)
   if x.spec.multi_teacher:
@@ -403,8 +470,23 @@ def _logits_term(x: _Inputs) -> tuple[jax.Array, jax.Array]:
 def _sparse_term(x: _Inputs) -> tuple[jax.Array, jax.Array]:
   """Against the teacher's top-k + tail: decoded from the batch's cached rows, or the exact
   top-k of the live teacher's logits."""
-  where, s_logits = _logit_positions(x), _student_logits(x)
+  where = _logit_positions(x)
   name = x.term.teachers[0]
+  kw = _kwargs(x.spec, x.term, temperature=temperature_at(x.term, x.step))
+  if x.chunk_size is not None:
+    if name in x.cached:
+      ids, logprobs, log_tail = x.cached[name].decode(x.batch[x.cached[name].batch_key])
+    else:
+      t = x.t_outs[name]
+      ids, logprobs, log_tail = losses.chunked_top_k_teacher(
+          t.final_hidden, t.head.kernel, top_k=x.b.top_k, bias=t.head.bias, softcap=t.head.softcap, vocab=x.b.vocab,
+          chunk_size=x.chunk_size)
+    s = x.s_out
+    values = CHUNKED[x.term.loss](s.final_hidden, s.head.kernel, ids, logprobs, log_tail, where=where,
+                                  chunk_size=x.chunk_size, student_bias=s.head.bias, student_softcap=s.head.softcap,
+                                  vocab=x.b.vocab, **kw)
+    return losses.masked_sum_and_count(values, where)
+  s_logits = _student_logits(x)
   if name in x.cached:
     teacher = x.cached[name]
     ids, logprobs, log_tail = teacher.decode(x.batch[teacher.batch_key])

@@ -283,6 +283,9 @@ class ObjectiveConfig(Section):
 
   terms: tuple[TermConfig, ...] = ()  # at least one, with some non-zero weight
   on_policy: Optional[OnPolicyConfig] = None  # [off: every step on the data]
+  # causal LM logit/label terms from final hidden states + heads, this many sequence positions at a time
+  # (never [B, T, V] logits); null: from the models' logits
+  chunk_size: Optional[PosInt] = losses.DEFAULT_CHUNK_SIZE
 
   @model_validator(mode="after")
   def _rules(self):
