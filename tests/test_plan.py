@@ -196,7 +196,7 @@ def test_plan_of_a_tiny_config_fits_a_v5e_slice(tiny_config, tmp_path, capsys):
                            intermediate_size=64)
   teacher = flops.ModelShape(**{**shape.__dict__, "hidden_size": 64, "head_dim": 16, "intermediate_size": 128})
   assert r["flops"]["model_per_step"] == flops.step_flops([teacher], shape, 4, 32, "full").model
-  assert list(r["search"]) == ["4"]
+  assert list(r["search"]) == ["4"] and ">= 4, not searched (--no-search)" in text
 
 
 def test_plan_that_does_not_fit_exits_1_with_one_line(tiny_config, capsys):

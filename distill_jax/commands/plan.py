@@ -246,7 +246,8 @@ def build_plan(cfg: config_lib.Config, topology: Topology, devices: Sequence[Any
   run_setup.set_precision(cfg)
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
   student, teachers = abstract_models(cfg)
-  objective = objective_lib.build_objective(cfg.resolved_terms(), student=student, teachers=teachers)
+  objective = objective_lib.build_objective(cfg.resolved_terms(), student=student, teachers=teachers,
+                                            chunk_size=cfg.objective.chunk_size)
   main = run_setup.main_teacher(cfg)
   if student.task in ("causal_lm", "masked_lm") and teachers[main].task == student.task:
     models.check_vocab(teachers[main], student)
@@ -529,14 +530,14 @@ def format_report(r: Mapping[str, Any]) -> str:
   teachers = ", ".join(f"{n} {t['params'] / 1e9:.2f}B ({t['param_dtype']})" for n, t in r["teachers"].items())
   lo, hi = r["largest_fitting_batch"], r["smallest_failing_batch"]
   fmt = lambda x: "n/a (out of memory)" if x is None else f"{x:7.2f} GiB"  # noqa: E731
-  if lo and hi:
+  if not r["searched"]:
+    largest = f">= {lo}, not searched (--no-search)" if lo else "not searched (--no-search)"
+  elif lo and hi:
     largest = f"{lo}" + (" (exact)" if hi - lo <= r["batch_shards"] else f" (< {hi} does not fit)")
   elif lo:
     largest = f">= {lo} (the search stopped there)"
-  elif r["searched"]:
-    largest = "none"
   else:
-    largest = "not searched (--no-search)"
+    largest = "none"
   lines = [
       f"plan on {r['topology']}: {r['chips']} x {r['device_kind']} ({r['hbm_gib']:g} GiB HBM each), mesh "
       f"data={mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']}",
