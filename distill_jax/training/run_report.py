@@ -11,10 +11,11 @@ from typing import Any, Iterator, Optional, Sequence
 
 import jax
 
+from distill_jax import models
 from distill_jax.config import root as config_lib
 from distill_jax.training.run_dir import BEFORE_FILE
 from distill_jax.training.run_log import echo, scalar
-from distill_jax.training.run_setup import Run, place_batch, state_step
+from distill_jax.training.run_setup import Run, place_batch, runtime_model, state_step
 from distill_jax.data import pipeline as data
 from distill_jax.evaluation import metrics as evaluate_lib
 from distill_jax.checkpoint import manager as checkpoint
@@ -73,8 +74,16 @@ def _agreement_batches(run: Run) -> Iterator[dict]:
     yield batch
 
 
+def _local(model: Any) -> Any:
+  """`model` without activation constraints on the run's mesh: the report runs on process 0
+  alone, and a constraint over every process's devices would wait for the others."""
+  if isinstance(model, models.Model) and model.module.mesh is not None:
+    return runtime_model(model, model.module.attention_impl, None)
+  return model
+
+
 def _agreement(run: Run, student_params: Any) -> dict[str, float]:
-  teacher = run.main_model
+  teacher, student = _local(run.main_model), _local(run.student)
   t_params = getattr(teacher, "params", {})  # a teacher cache has none: it reads the batch
   max_batches = run.config.train.eval_batches or None
   # Host arrays, as the initial params are: the undistilled and the distilled student then
@@ -82,10 +91,10 @@ def _agreement(run: Run, student_params: Any) -> dict[str, float]:
   student_params = jax.device_get(student_params)
   if run.cross_tokenizer is not None and run.cross_tokenizer.teacher == run.main_teacher:
     # Its logits are over other tokens at other positions: the student's own metrics only.
-    metrics = evaluate_lib.evaluate(run.student, student_params, run.student, student_params,
+    metrics = evaluate_lib.evaluate(student, student_params, student, student_params,
                                     _agreement_batches(run), max_batches=max_batches)
     return {k: v for k, v in metrics.items() if k in ("nll", "perplexity", "num_tokens", "num_examples")}
-  metrics = evaluate_lib.evaluate(run.student, student_params, teacher, t_params, _agreement_batches(run),
+  metrics = evaluate_lib.evaluate(student, student_params, teacher, t_params, _agreement_batches(run),
                                   max_batches=max_batches, shared_vocab=run.shared_vocab)
   if run.main_teacher in run.caches:  # its own NLL would be of the tail-spread completion: not reported
     metrics = {k: v for k, v in metrics.items() if not k.startswith("teacher_")}
@@ -123,7 +132,7 @@ def final_report(run: Run, params: Any, run_dir: pathlib.Path, before: Optional[
   if teacher is not None and tc is not None and tc.path != config_lib.SELF_TEACHER:
     resolved = config_lib.resolve_model_path(tc.path)
     teacher_dir = resolved if os.path.isdir(resolved) else None
-  efficiency = efficiency_lib.measure_efficiency(run.student, params, teacher, getattr(teacher, "params", None), sample,
+  efficiency = efficiency_lib.measure_efficiency(_local(run.student), params, _local(teacher) if teacher else None, getattr(teacher, "params", None), sample,
                                                student_dir=export_dir, teacher_dir=teacher_dir,
                                                iters=run.config.eval.throughput_batches)
   rep = report_lib.build_report(before, after, efficiency, teacher_name=str(tc.path or tc.cache if tc else run.main_teacher),
