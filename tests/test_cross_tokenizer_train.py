@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import tiny
+from distill_jax import losses
 from distill_jax.config import root as config_lib
 from distill_jax.data import alignment
 from distill_jax.data import pipeline as data
@@ -30,10 +31,12 @@ def setup(tmp_path_factory):
     if name.startswith(("tokenizer", "special_tokens")):
       os.remove(student / name)
   wordpiece.save_pretrained(student)
+  same = tiny.make_checkpoint(root / "student_bpe", "llama", "causal_lm", num_hidden_layers=1, seed=5)  # teacher's
   lines = tiny._corpus_lines()[:120]
   text = root / "text.jsonl"
   text.write_text("".join(json.dumps({"text": " ".join(lines[i:i + 3])}) + "\n" for i in range(0, len(lines), 3)))
-  return {"root": root, "teacher": str(teacher), "student": str(student), "text": str(text)}
+  return {"root": root, "teacher": str(teacher), "student": str(student), "text": str(text),
+          "student_bpe": str(same)}
 
 
 RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "cross_tokenizer.yaml")
@@ -91,8 +94,8 @@ def test_train_across_tokenizers_with_the_recipe(setup):
 
 @pytest.mark.parametrize("extra, match", [
     (["objective.terms=[{loss: uld}, {loss: forward_kl}]"],
-     r"^objective\.terms\[1\]\.loss: forward_kl needs the teacher's tokenizer, but teacher 'teacher' .* tokenize "
-     r"differently; allowed across tokenizers: uld, hybrid_uld$"),
+     r"^objective\.terms\[1\]\.loss: forward_kl needs the teacher on the student's rows, but teacher 'teacher' "
+     r".* tokenize differently; allowed with teacher 'teacher': uld, hybrid_uld$"),
     (["teachers.teacher.cache=/nonexistent"], r"^config: objective\.terms\[0\]\.loss: teacher 'teacher' is read "
                                                 r"from its cache .* which uld cannot use"),
 ])
@@ -117,3 +120,22 @@ def test_a_slow_tokenizer_is_one_line_before_any_model_loads(setup, monkeypatch)
   with pytest.raises(ValueError, match=r"^student\.path: cross-tokenizer alignment needs a fast tokenizer "
                                        r"\(character offsets\); got slow ByT5Tokenizer$"):
     run_setup.build_run(_config(setup, "slow", f"student.path={slow_dir}"))
+
+
+def test_the_same_tokenizer_aligns_one_to_one_and_hybrid_uld_is_forward_kl(setup):
+  run = run_setup.build_run(_config(setup, "same", f"student.path={setup['student_bpe']}",
+                                    "objective.terms=[{loss: hybrid_uld}]"))
+  ex = run.train_examples
+  assert run.cross_tokenizer.student_tokenizer is run.cross_tokenizer.teacher_tokenizer
+  rows = ex.row_arrays
+  student_rows = ex.tokens["input_ids"].reshape(rows["teacher_input_ids"].shape)
+  np.testing.assert_array_equal(rows["teacher_input_ids"], student_rows)  # identity alignment, same row length
+  batch = next(iter(data.eval_batches(run.eval_examples, global_batch_size=8, process_index=0, process_count=1)))
+  got = run.step_fn.eval(run.state, run.teacher_params, batch)
+  teacher, student = run.teachers["teacher"], run.student
+  t_logits = teacher.apply(teacher.params, batch, outputs=("logits",)).logits
+  s_logits = student.apply(run.initial_student_params, batch, outputs=("logits",)).logits
+  where = np.asarray(batch["student_span_end"] * batch["attention_mask"]).astype(bool)  # positions: all
+  want = losses.forward_kl(s_logits, t_logits, where=where)
+  np.testing.assert_allclose(float(got["hybrid_uld"][1]), where.sum())
+  np.testing.assert_allclose(float(got["hybrid_uld"][0]), float(np.sum(np.where(where, want, 0))), rtol=1e-4)

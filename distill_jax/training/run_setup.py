@@ -298,48 +298,55 @@ def _checkpoint_tokenizer(path: str, field: str) -> Any:
 
 
 def cross_tokenizer(cfg: config_lib.Config) -> Optional[CrossTokenizer]:
-  """The teacher that the cross-tokenizer terms (`CROSS_TOKENIZER_LOSSES`) read, when its
-  tokenizer differs from the student's checkpoint's; None otherwise.  Reads tokenizers only.
+  """The live teacher that the cross-tokenizer terms (`CROSS_TOKENIZER_LOSSES`) read, with the
+  student's and its tokenizers (the same one when the student shares the teacher's: an identity
+  alignment, where ``hybrid_uld`` is ``forward_kl``); None without such terms.  Reads tokenizers only.
 
   Raises:
-    ValueError: one line naming the field, before any model loads: a slow tokenizer, a term
-      that needs the same tokenizer reading that teacher, a cached teacher, two such teachers.
+    ValueError: one line naming the field, before any model loads: a slow tokenizer, another
+      term reading that teacher, a cached teacher, two such teachers, on-policy across tokenizers.
   """
   terms = cfg.resolved_terms()
   readers = sorted({n for t in terms if t.loss in CROSS_TOKENIZER_LOSSES for n in t.teachers})
-  if not readers or cfg.student.init != "path":  # a student derived from its teacher shares its tokenizer
+  if not readers:
     return None
   if len(readers) > 1:
     raise ValueError(f"objective.terms: cross-tokenizer terms read one teacher; got {', '.join(readers)}")
   name = readers[0]
   tc = cfg.teachers[name]
-  if tc.cache is not None or tc.path == config_lib.SELF_TEACHER:
-    if tc.cache is not None:
-      raise ValueError(f"teachers.{name}.cache: {', '.join(CROSS_TOKENIZER_LOSSES)} run the teacher live "
-                       f"(its logits); unset the cache")
-    return None
+  if tc.cache is not None:
+    raise ValueError(f"teachers.{name}.cache: {', '.join(CROSS_TOKENIZER_LOSSES)} run the teacher live "
+                     f"(its logits); unset the cache")
   s_field, t_field = "student.path", f"teachers.{name}.path"
-  s_tok, t_tok = _checkpoint_tokenizer(cfg.student.path, s_field), _checkpoint_tokenizer(tc.path, t_field)
-  if s_tok.get_vocab() == t_tok.get_vocab():
-    return None
+  t_tok = data_tokenizer(cfg, name)  # the teacher's (a self-teacher's: the student checkpoint's)
+  own = cfg.student.init == "path" and tc.path != config_lib.SELF_TEACHER
+  s_tok = _checkpoint_tokenizer(cfg.student.path, s_field) if own else t_tok  # else derived: the teacher's
+  same = s_tok is t_tok or s_tok.get_vocab() == t_tok.get_vocab()
+  s_tok = t_tok if same else s_tok
   vocab_map.check_fast(s_tok, s_field)
   vocab_map.check_fast(t_tok, t_field)
   for i, t in enumerate(terms):
     if name in t.teachers and t.loss not in CROSS_TOKENIZER_LOSSES:
-      raise ValueError(f"objective.terms[{i}].loss: {t.loss} needs the teacher's tokenizer, but teacher {name!r} "
-                       f"({tc.path}) and the student ({cfg.student.path}) tokenize differently; allowed across "
-                       f"tokenizers: {', '.join(CROSS_TOKENIZER_LOSSES)}")
+      why = ("the cross-tokenizer terms run it on its own rows" if same else
+             f"teacher {name!r} ({tc.path}) and the student ({cfg.student.path}) tokenize differently")
+      raise ValueError(f"objective.terms[{i}].loss: {t.loss} needs the teacher on the student's rows, but {why}; "
+                       f"allowed with teacher {name!r}: {', '.join(CROSS_TOKENIZER_LOSSES)}")
   if cfg.objective.on_policy is not None:
-    raise ValueError(f"objective.on_policy: on-policy samples would need re-tokenizing for teacher {name!r} "
-                     f"({tc.path}), whose tokenizer differs from the student's ({cfg.student.path})")
+    raise ValueError(f"objective.on_policy: the student's samples would need re-tokenizing for teacher {name!r} "
+                     f"({tc.path}; student {cfg.student.path}), which the cross-tokenizer terms read")
   return CrossTokenizer(name, s_tok, t_tok)
 
 
 def teacher_length(max_length: int, texts: list[str], cross: CrossTokenizer) -> int:
   """The teacher's row length: ``max_length`` scaled by how many more tokens the teacher needs
   for the same text (measured on up to 256 texts), with a quarter of headroom, a multiple of 8."""
+  if cross.teacher_tokenizer is cross.student_tokenizer:  # one tokenizer: the identity alignment
+    return max_length
   sample = texts[:256]
-  count = lambda tok: sum(len(x) for x in tok(sample, add_special_tokens=False, verbose=False)["input_ids"])  # noqa: E731
+
+  def count(tok: Any) -> int:
+    return sum(len(x) for x in tok(sample, add_special_tokens=False, verbose=False)["input_ids"])
+
   ratio = count(cross.teacher_tokenizer) / max(1, count(cross.student_tokenizer))
   return max(8, -(-int(np.ceil(1.25 * ratio * max_length)) // 8) * 8)
 
@@ -435,8 +442,7 @@ def build_run(cfg: config_lib.Config) -> Run:
   student, teachers = _load_models(cfg)
   student = runtime_model(student, attention_impl, mesh)
   teachers = {n: runtime_model(t, attention_impl, mesh) for n, t in teachers.items()}
-  objective = objective_lib.build_objective(cfg.resolved_terms(), student=student, teachers={**teachers, **caches},
-                                            chunk_size=cfg.objective.chunk_size)
+  objective = objective_lib.build_objective(cfg.resolved_terms(), student=student, teachers={**teachers, **caches})
   shared_vocab = None
   if main in caches:
     shared_vocab = caches[main].student_vocab(student, f"teachers.{main}.cache")
