@@ -442,7 +442,8 @@ def build_run(cfg: config_lib.Config) -> Run:
   student, teachers = _load_models(cfg)
   student = runtime_model(student, attention_impl, mesh)
   teachers = {n: runtime_model(t, attention_impl, mesh) for n, t in teachers.items()}
-  objective = objective_lib.build_objective(cfg.resolved_terms(), student=student, teachers={**teachers, **caches})
+  objective = objective_lib.build_objective(cfg.resolved_terms(), student=student, teachers={**teachers, **caches},
+                                            chunk_size=cfg.objective.chunk_size)
   shared_vocab = None
   if main in caches:
     shared_vocab = caches[main].student_vocab(student, f"teachers.{main}.cache")
