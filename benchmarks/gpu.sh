@@ -2,6 +2,7 @@
 # The accelerator suite, in one command, under 10 minutes on one H100/H200; JSON to $OUT.
 #
 #   bash benchmarks/gpu.sh            # on the device machine, from the repo root, with .whl carried
+#   SUITE=quick bash benchmarks/gpu.sh  # only the LLM step's chunked/dense and cuDNN/XLA paths
 #
 # Needs the wheels of ../shared/device/prepare-wheels.sh in .whl/ (datasets, grain, ...; the
 # machine's image has jax, flax, optax, torch and transformers 5, which our own models need
@@ -33,15 +34,29 @@ run() {  # run <seconds> <name> <command...>
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY -c 'import jax; print(jax.devices())'; } >>"$LOG" 2>&1
 
+# The LLM step on its three paths (issue 18): chunked logit terms (hidden states + heads, the
+# default) with cuDNN attention, chunked with XLA attention, and the dense [B, T, V] logits
+# with XLA attention (what the step was before).
+llm_paths() {
+  run 90 step_llama1b_chunked_cudnn $PY benchmarks/step.py --preset llama-1b --modes jit --dtypes bfloat16 \
+    --remat dots --attention cudnn --steps 10 --warmup 2 --out "$OUT/step_llama1b_chunked_cudnn.json"
+  run 90 step_llama1b_chunked_xla $PY benchmarks/step.py --preset llama-1b --modes jit --dtypes bfloat16 \
+    --remat dots --attention xla --steps 10 --warmup 2 --out "$OUT/step_llama1b_chunked_xla.json"
+  run 90 step_llama1b_dense_xla $PY benchmarks/step.py --preset llama-1b --modes jit --dtypes bfloat16 \
+    --remat dots --attention xla --chunk-size 0 --steps 10 --warmup 2 --out "$OUT/step_llama1b_dense_xla.json"
+}
+if [ "${SUITE:-full}" = quick ]; then  # SUITE=quick: only the LLM paths (about 4 minutes)
+  llm_paths
+  grep -h '^|' "$LOG" > "$OUT/tables.md" || true
+  echo "quick suite done in ${SECONDS}s; results in $OUT" | tee -a "$LOG"
+  exit 0
+fi
+
 run 90 step_bert  $PY benchmarks/step.py --preset bert-base --modes jit,sharded,pmap --dtypes float32,bfloat16 \
   --steps 20 --warmup 3 --out "$OUT/step_bert.json"
 run 120 step_gpt2  $PY benchmarks/step.py --preset gpt2 --modes jit,sharded,pmap --dtypes float32,bfloat16 \
   --steps 20 --warmup 3 --out "$OUT/step_gpt2.json"
-run 90 step_llama1b $PY benchmarks/step.py --preset llama-1b --modes jit --dtypes bfloat16 --remat dots \
-  --steps 10 --warmup 2 --out "$OUT/step_llama1b.json"
-# cuDNN flash attention (train.attention=cudnn) on the same run as step_llama1b (XLA's attention).
-run 90 step_llama1b_cudnn $PY benchmarks/step.py --preset llama-1b --modes jit --dtypes bfloat16 --remat dots \
-  --attention cudnn --steps 10 --warmup 2 --out "$OUT/step_llama1b_cudnn.json"
+llm_paths
 run 60 compile_depth $PY benchmarks/step.py --preset gpt2 --teacher-layers 6,24 --modes jit --dtypes bfloat16 \
   --steps 3 --warmup 1 --out "$OUT/compile_depth.json"
 run 55 torch_bert_f32  $PY benchmarks/torch_reference.py --preset bert-base --dtype float32 --steps 20 --warmup 3 \

@@ -46,7 +46,8 @@ class Setup:
   """Teacher, student, objective, optimizer and a host batch for one preset and dtype."""
 
   def __init__(self, preset: common.Preset, dtype: str, *, batch: int, seq: int, seed: int = 0,
-               teacher_layers: int | None = None, remat: str = "none", attention: str = "xla"):
+               teacher_layers: int | None = None, remat: str = "none", attention: str = "xla",
+               chunk_size: int | None = 128):
     import jax
     import jax.numpy as jnp
 
@@ -70,7 +71,10 @@ class Setup:
       teacher_params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                                     teacher_params)
     self.teacher_params = {"teacher": teacher_params}
-    self.objective = build_objective(TERMS, student=self.student, teachers={"teacher": self.teacher})
+    # chunk_size: logit terms from hidden states + heads in chunks of this many positions
+    # (the default); None: the dense [B, T, V] logits path.
+    self.objective = build_objective(TERMS, student=self.student, teachers={"teacher": self.teacher},
+                                     chunk_size=chunk_size)
     self.optimizer = make_optimizer("adamw", 1e-4, schedule="constant", weight_decay=0.01, clip_norm=1.0)
     self.projections = self.objective.init_projections(jax.random.PRNGKey(seed))
     self.batch = common.random_batch(batch, seq, int(self.hf_config.vocab_size), seed)
@@ -227,6 +231,8 @@ def parse_args(argv=None, description: str = __doc__):
   parser.add_argument("--teacher-layers", default=None,
                       help="comma list of teacher depths (default: the preset's); compile time vs depth")
   parser.add_argument("--remat", default="none", help="the student's remat policy: none, full, dots")
+  parser.add_argument("--chunk-size", type=int, default=128,
+                      help="objective.chunk_size: positions per chunk of the logit terms (0: dense [B, T, V] logits)")
   parser.add_argument("--attention", default="xla", help="the models' attention: auto, xla, cudnn (GPU), splash (TPU)")
   parser.add_argument("--breakdown", action="store_true", help="also time teacher fwd / student fwd+bwd / optimizer")
   parser.add_argument("--profile", default=None, help="write a jax.profiler trace of 3 steps of the first mode here")
@@ -248,6 +254,7 @@ def main(argv=None) -> dict:
     peak, peak_source = common.device_peak(dtype)
     for depth in (args.teacher_layers.split(",") if args.teacher_layers else [None]):
       setup = Setup(preset, dtype, batch=batch, seq=seq, remat=args.remat, attention=args.attention,
+                    chunk_size=args.chunk_size or None,
                     teacher_layers=None if depth is None else int(depth))
       peak = _run_setup(args, setup, rows, payload, peak, peak_source)
   print()
