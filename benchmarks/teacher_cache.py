@@ -97,15 +97,11 @@ def main() -> None:
   args = parser.parse_args()
   steps = 4 if args.quick else args.steps
 
+  from distill_jax.commands import cache_teacher
   from distill_jax.config import root as config_lib
-
-  from distill_jax.training import run_report
-
-  from distill_jax.training import run_setup
-
-  from distill_jax.data import teacher_cache
-
   from distill_jax.training import loop as trainer
+  from distill_jax.training import run_report
+  from distill_jax.training import run_setup
 
   root = tempfile.mkdtemp(prefix="teacher_cache_bench_")
   teacher, student = _models(root)
