@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.extend.core
 import numpy as np
 import optax
 import pytest
@@ -18,6 +17,7 @@ from distill_jax.objective.terms import ObjectiveConfig
 from distill_jax.schema import ConfigError
 from distill_jax.training import step as step_lib
 from distill_jax.training.state import create_train_state
+from test_metrics_chunked import largest_vocab_array
 
 TERMS = (
     {"loss": "forward_kl", "temperature": 2.0},
@@ -100,23 +100,6 @@ def test_ensemble_kl_equals_the_logits_path_and_a_bad_chunk_size_is_refused(setu
     build_objective(terms, student=student, teachers=teachers, chunk_size=0)
 
 
-def _largest_vocab_array(fn, args, widths):
-  largest = 0
-
-  def walk(jaxpr):
-    nonlocal largest
-    for eqn in jaxpr.eqns:
-      for var in eqn.outvars:
-        shape = getattr(var.aval, "shape", ())
-        if any(w in shape for w in widths):
-          largest = max(largest, int(np.prod(shape)))
-      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-        walk(sub)
-
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return largest
-
-
 def test_train_step_never_forms_batch_by_length_by_vocab(setup):
   student, s_params, teacher, t_params, batch = setup
   optimizer = optax.adamw(1e-3)
@@ -125,7 +108,8 @@ def test_train_step_never_forms_batch_by_length_by_vocab(setup):
     state = create_train_state(s_params, optimizer=optimizer, seed=0)
     train = functools.partial(step_lib.train_step, student_apply=student.apply,
                               teacher_applies={"teacher": teacher.apply}, objective=objective, optimizer=optimizer)
-    largest = _largest_vocab_array(train, (state, {"teacher": t_params}, batch), (384, 400, 416))
+    jaxpr = jax.make_jaxpr(train)(state, {"teacher": t_params}, batch)
+    largest = max(largest_vocab_array(jaxpr, v) for v in (384, 400, 416))
     # Heads and their gradients are [H, V] (at most 48 × 416); a logits array is ≥ 2 × 40 × 384.
     assert (largest >= ROWS * LENGTH * 384) == materialized, (chunk_size, largest)
 
