@@ -46,6 +46,8 @@ from distill_jax.losses._sparse import sparse_forward_kl
 from distill_jax.losses._sparse import sparse_generalized_jsd
 from distill_jax.losses._sparse import sparse_reverse_kl
 from distill_jax.losses._sparse import teacher_top_k
+from distill_jax.losses._sparse_cross_tokenizer import sparse_hybrid_uld
+from distill_jax.losses._sparse_cross_tokenizer import sparse_uld
 from distill_jax.losses._vocab import DEFAULT_CHUNK_SIZE
 from distill_jax.losses._vocab import chunked_argmax
 from distill_jax.losses._vocab import chunked_cross_entropy
@@ -95,7 +97,9 @@ __all__ = [
     "span_sum",
     "sparse_forward_kl",
     "sparse_generalized_jsd",
+    "sparse_hybrid_uld",
     "sparse_reverse_kl",
+    "sparse_uld",
     "teacher_top_k",
     "token_relation",
     "total_variation",
