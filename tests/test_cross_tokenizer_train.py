@@ -64,7 +64,8 @@ def test_the_teacher_runs_on_its_own_tokens_and_the_step_equals_the_objective(se
                                          "attention_mask": batch["teacher_attention_mask"]},
                         outputs=run.objective.outputs_for("teacher"))
   s_out = student.apply(run.initial_student_params, batch, outputs=run.objective.outputs_for("student"))
-  assert t_out.logits.shape[1] == batch["teacher_input_ids"].shape[1] != batch["input_ids"].shape[1]
+  assert run.objective.chunk_size is not None and t_out.logits is None  # chunked: hidden states + head
+  assert t_out.final_hidden.shape[1] == batch["teacher_input_ids"].shape[1] != batch["input_ids"].shape[1]
   params = jax.tree.map(lambda x: x[0], run.state.params["projections"]) if run.mesh is None else \
       run.state.params["projections"]
   loss, want = run.objective(s_out, {"teacher": t_out}, batch, params, 0)

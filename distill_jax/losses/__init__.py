@@ -13,6 +13,8 @@ same result as the equal Python number.
 
 from __future__ import annotations
 
+from distill_jax.losses._cross_tokenizer import chunked_hybrid_uld
+from distill_jax.losses._cross_tokenizer import chunked_uld
 from distill_jax.losses._cross_tokenizer import hybrid_uld
 from distill_jax.losses._cross_tokenizer import span_gather
 from distill_jax.losses._cross_tokenizer import span_log_probs
@@ -68,6 +70,7 @@ __all__ = [
     "chunked_ensemble_kl",
     "chunked_forward_kl",
     "chunked_generalized_jsd",
+    "chunked_hybrid_uld",
     "chunked_reverse_kl",
     "chunked_skew_kl",
     "chunked_skew_reverse_kl",
@@ -76,6 +79,7 @@ __all__ = [
     "chunked_sparse_reverse_kl",
     "chunked_top_k_teacher",
     "chunked_total_variation",
+    "chunked_uld",
     "cosine_distance",
     "cross_entropy",
     "forward_kl",

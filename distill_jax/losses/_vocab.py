@@ -187,16 +187,16 @@ def _check_head(name: str, h: jax.Array, head: Head) -> Head:
   return Head(w, b, head.softcap)
 
 
-def _check_vocab(vocab: Optional[int], widths: Sequence[int]) -> Optional[int]:
-  """The columns that count: ``vocab``, or the common width; one-line error when impossible."""
+def _check_vocab(vocab: Optional[int], widths: Sequence[int], name: str = "vocab") -> Optional[int]:
+  """The columns that count: ``vocab``, or the common width; one-line error (naming ``name``) when impossible."""
   if vocab is None:
     if len(set(widths)) > 1:
       raise ValueError(f"unembedding widths {list(widths)} differ: the student and teacher heads must "
                        f"have the same V, or pass vocab=<the size of the shared vocabulary>")
     return None
-  _reduce.check_positive_int("vocab", vocab)
+  _reduce.check_positive_int(name, vocab)
   if vocab > min(widths):
-    raise ValueError(f"vocab: {vocab} exceeds the unembedding width {min(widths)}")
+    raise ValueError(f"{name}: {vocab} exceeds the unembedding width {min(widths)}")
   return vocab
 
 

@@ -91,6 +91,7 @@ class _Bound:
   task: str = ""
   top_k: int = 0
   shared: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())  # hybrid_uld: (student ids, teacher ids)
+  cross_vocabs: tuple[Optional[int], Optional[int]] = (None, None)  # uld/hybrid_uld: (student, teacher) vocabularies
 
 
 def _pairs(i: int, term: Term, student, teacher, *, attention: bool) -> tuple[tuple[int, int], ...]:
@@ -183,11 +184,12 @@ def _bind_cross_tokenizer(i: int, term: Term, student, teacher, name: str) -> di
     if model.tokenizer is None:
       raise term_error(i, "loss", f"{term.loss} aligns tokenizers; the {role} has none")
     vocab_map.check_fast(model.tokenizer, "student.path" if role == "student" else f"teachers.{name}.path")
+  vocabs = {"cross_vocabs": (student.vocab_size, teacher.vocab_size)}
   if term.loss != "hybrid_uld":
-    return {}
+    return vocabs
   s_ids, t_ids = vocab_map.shared_vocab(student.tokenizer, teacher.tokenizer)
   keep = (s_ids < student.vocab_size) & (t_ids < teacher.vocab_size)
-  return {"shared": (tuple(int(v) for v in s_ids[keep]), tuple(int(v) for v in t_ids[keep]))}
+  return {**vocabs, "shared": (tuple(int(v) for v in s_ids[keep]), tuple(int(v) for v in t_ids[keep]))}
 
 
 # The chunked form of each loss that a causal LM's final hidden states + head can feed.
@@ -198,13 +200,18 @@ CHUNKED: dict[str, Callable[..., jax.Array]] = {
     "ensemble_kl": losses.chunked_ensemble_kl, "cross_entropy": losses.chunked_cross_entropy,
     "sparse_forward_kl": losses.chunked_sparse_forward_kl, "sparse_reverse_kl": losses.chunked_sparse_reverse_kl,
     "sparse_generalized_jsd": losses.chunked_sparse_generalized_jsd,
+    "uld": losses.chunked_uld, "hybrid_uld": losses.chunked_hybrid_uld,
 }
 
 
 def _chunkable(terms: Sequence[Term], student, teachers: Mapping[str, Any]) -> bool:
-  """Whether every consumer of ``logits`` has a chunked form and every model it reads is a causal LM head."""
+  """Whether every consumer of ``logits`` has a chunked form and every model it reads is a causal LM head
+  (a cross-tokenizer term: a live teacher's)."""
   readers = [t for t in terms if "logits" in LOSSES[t.loss].outputs]
   if not readers or any(t.loss not in CHUNKED for t in readers):
+    return False
+  if any(LOSSES[t.loss].inputs == "cross_tokenizer" and isinstance(teachers[n], CachedTeacher)
+         for t in readers for n in t.teachers):
     return False
   live = {n for t in readers for n in t.teachers if not isinstance(teachers[n], CachedTeacher)}
   return all("head" in frozenset(m.capabilities) for m in [student] + [teachers[n] for n in live])
@@ -502,12 +509,20 @@ def _cross_tokenizer_term(x: _Inputs) -> tuple[jax.Array, jax.Array]:
   """uld / hybrid_uld: each student span-final token against the teacher's logits at the same
   span's last token (``batch["teacher_index"]``); the teacher ran on ``teacher_input_ids``."""
   where = _logit_positions(x) & (x.batch["student_span_end"] == 1)
-  t_logits = losses.span_gather(x.t_out.logits, x.batch["teacher_index"])
   kw = _kwargs(x.spec, x.term, temperature=temperature_at(x.term, x.step))
   if x.term.loss == "hybrid_uld":
     kw.update(student_shared_ids=jnp.asarray(x.b.shared[0], jnp.int32),
               teacher_shared_ids=jnp.asarray(x.b.shared[1], jnp.int32))
-  values = x.spec.fn(x.s_out.logits, t_logits, where=where, **kw)
+  s_vocab, t_vocab = x.b.cross_vocabs
+  if x.chunk_size is not None:  # the teacher's final hidden states [B, T, Dt] are gathered, never its logits
+    s, t = x.s_out, x.t_out
+    t_hidden = losses.span_gather(t.final_hidden, x.batch["teacher_index"])
+    values = CHUNKED[x.term.loss](s.final_hidden, s.head.kernel, t_hidden, t.head.kernel, where=where,
+                                  chunk_size=x.chunk_size, student_vocab=s_vocab, teacher_vocab=t_vocab,
+                                  **_head_kwargs("student", s), **_head_kwargs("teacher", t), **kw)
+    return losses.masked_sum_and_count(values, where)
+  t_logits = losses.span_gather(x.t_out.logits[..., :t_vocab], x.batch["teacher_index"])
+  values = x.spec.fn(x.s_out.logits[..., :s_vocab], t_logits, where=where, **kw)
   return losses.masked_sum_and_count(values, where)
 
 
