@@ -97,8 +97,8 @@ def test_train_across_tokenizers_with_the_recipe(setup):
     (["objective.terms=[{loss: uld}, {loss: forward_kl}]"],
      r"^objective\.terms\[1\]\.loss: forward_kl needs the teacher on the student's rows, but teacher 'teacher' "
      r".* tokenize differently; allowed with teacher 'teacher': uld, hybrid_uld$"),
-    (["teachers.teacher.cache=/nonexistent"], r"^config: objective\.terms\[0\]\.loss: teacher 'teacher' is read "
-                                                r"from its cache .* which uld cannot use"),
+    (["teachers.teacher.cache=/nonexistent"], r"^teachers\.teacher\.cache: '/nonexistent' holds no complete teacher "
+                                                r"cache \(no manifest\.json\)$"),
 ])
 def test_bad_input_is_one_line_before_any_model_loads(setup, extra, match, monkeypatch):
   def no_loading(*a, **k):

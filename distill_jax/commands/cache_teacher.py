@@ -6,6 +6,13 @@ prepared ``data.source``, so a cache and a prepared set line up), runs the teach
 over this process's devices) over every row and writes whole shards (temp + rename), so a
 killed run resumes with exactly the missing ones. With several processes, process ``p``
 writes the shards ``s % process_count == p``; process 0 writes the manifest last.
+
+A teacher that the cross-tokenizer terms (``uld``, ``hybrid_uld``) read, whose tokenizer may
+differ from the student's, runs on its own tokens of the aligned rows training builds
+(`run_setup.load_aligned_data`: ``teacher_input_ids``): its top-k in its own vocabulary per
+teacher token, ``teacher_length`` positions per row; the manifest also records the student
+tokenizer's fingerprint (the rows depend on both), and training gathers the entries at the
+student's span-final positions.
 """
 
 from __future__ import annotations
@@ -25,8 +32,9 @@ from distill_jax.config import root as config_lib
 from distill_jax.data import cache_codec
 from distill_jax.data import pipeline as data
 from distill_jax.data import prepared
-from distill_jax.data.teacher_cache import (MANIFEST, SPLITS, TOKENIZER_DIR, VERSION, _checksum, _num_shards,
-                                            _shard_path, tokenizer_fingerprint)
+from distill_jax.data import alignment
+from distill_jax.data.teacher_cache import (MANIFEST, SPLITS, STUDENT_TOKENIZER, TOKENIZER_DIR, VERSION, _checksum,
+                                            _num_shards, _shard_path, tokenizer_fingerprint)
 from distill_jax.errors import UserError
 from distill_jax.models import checkpoints
 from distill_jax.training import distributed, faults, run_setup, sharding, step
@@ -49,19 +57,32 @@ def cached_teacher(cfg: config_lib.Config) -> tuple[str, str]:
   return name, out
 
 
+def _teacher_rows(examples: Any, own_tokens: bool) -> tuple[int, np.ndarray]:
+  """``(row length, tokens per row)`` of what the teacher runs on: the rows, or (`own_tokens`,
+  a cross-tokenizer teacher) their teacher side."""
+  if own_tokens:
+    mask = examples.row_arrays[alignment.TEACHER_INPUTS["attention_mask"]]
+    return int(mask.shape[1]), mask.sum(axis=1)
+  return int(examples.max_length), np.asarray(examples.lengths)
+
+
 def _meta(cfg: config_lib.Config, name: str, fmt: cache_codec.CacheFormat, tokenizer: Any,
-          splits: Mapping[str, Any], checksum: tuple[str, list]) -> dict[str, Any]:
-  """What identifies a cache: a rerun with the same meta resumes, another one is refused."""
+          splits: Mapping[str, Any], checksum: tuple[str, list],
+          student_tokenizer: Any = None) -> dict[str, Any]:
+  """What identifies a cache: a rerun with the same meta resumes, another one is refused.
+  `student_tokenizer`: a cross-tokenizer cache's (the teacher ran on its own tokens of the rows)."""
   checksum, checksum_files = checksum
-  return {
+  own = student_tokenizer is not None
+  extra = {STUDENT_TOKENIZER: tokenizer_fingerprint(student_tokenizer)} if own else {}
+  return {**extra,
       "version": VERSION, "format": fmt.to_dict(), "top_k": fmt.top_k, "bytes_per_token": fmt.bytes_per_token,
       "teacher": {"name": name, "path": cfg.teachers[name].path, "checksum": checksum,
                   "dtype": cfg.teachers[name].dtype, "param_dtype": cfg.teachers[name].param_dtype,
                   "precision": cfg.train.precision, "files": checksum_files},
       "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-      "splits": {split: {"rows": len(ex.lengths), "row_length": int(ex.max_length),
+      "splits": {split: {"rows": len(ex.lengths), "row_length": _teacher_rows(ex, own)[0],
                          "shard_rows": cfg.cache.shard_rows, "data_fingerprint": prepared.fingerprint(ex),
-                         "tokens": int(np.sum(ex.lengths))}
+                         "tokens": int(np.sum(_teacher_rows(ex, own)[1]))}
                  for split, ex in splits.items()},
   }
 
@@ -71,7 +92,7 @@ def _identity(meta: Mapping[str, Any]) -> dict[str, Any]:
   teacher = meta.get("teacher", {})  # the weights, wherever they are now
   return {"version": meta.get("version"), "format": meta.get("format"),
           "teacher": tuple(teacher.get(k) for k in ("checksum", "dtype", "param_dtype", "precision")),
-          "tokenizer": meta.get("tokenizer_fingerprint"),
+          "tokenizer": meta.get("tokenizer_fingerprint"), "student tokenizer": meta.get(STUDENT_TOKENIZER),
           "data": {s: (v.get("data_fingerprint"), v.get("shard_rows")) for s, v in meta.get("splits", {}).items()}}
 
 
@@ -148,8 +169,15 @@ def write_cache(cfg: config_lib.Config, *, progress_bar: Optional[bool] = None) 
   import datasets  # deferred: heavy, only needed once the config is valid
 
   datasets.disable_progress_bars()
-  train_ex, eval_ex = run_setup.load_data(cfg, tokenizer, "causal_lm")
+  # A cross-tokenizer teacher: the aligned rows training builds (its tokenizer: this checkpoint's).
+  cross = run_setup.cross_tokenizer(cfg, {name: tokenizer})
+  own_tokens = cross is not None and cross.teacher == name
+  if cross is None:
+    train_ex, eval_ex = run_setup.load_data(cfg, tokenizer, "causal_lm")
+  else:
+    train_ex, eval_ex = run_setup.load_aligned_data(cfg, cross)
   splits = {"train": train_ex, "validation": eval_ex}
+  row_tokens = {split: _teacher_rows(ex, own_tokens)[1] for split, ex in splits.items()}
   # The tokenizer's size (a padded embedding has more rows; `Model.vocab_size` is the same
   # rule, checked once the teacher is loaded).
   vocab = len(tokenizer)
@@ -157,7 +185,8 @@ def write_cache(cfg: config_lib.Config, *, progress_bar: Optional[bool] = None) 
     raise UserError(f"cache.top_k: {cfg.cache.top_k} must be <= the teacher's {vocab} tokens")
   fmt = cache_codec.CacheFormat(vocab, cfg.cache.top_k, cfg.cache.value_bits)
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=jax.local_devices())
-  meta = _meta(cfg, name, fmt, tokenizer, splits, _checksum(root, teacher_dir))
+  meta = _meta(cfg, name, fmt, tokenizer, splits, _checksum(root, teacher_dir),
+               cross.student_tokenizer if own_tokens else None)
   main = distributed.is_main_process()
   if main:  # process 0 checks (or starts) the directory, then the others look
     _check_or_write_meta(root, meta)
@@ -180,7 +209,7 @@ def write_cache(cfg: config_lib.Config, *, progress_bar: Optional[bool] = None) 
   todo = [(split, s) for split in SPLITS
           for s in range(_num_shards(len(splits[split].lengths), cfg.cache.shard_rows))
           if s % procs == p and not _shard_path(root, split, s).is_file()]
-  tokens = sum(int(np.sum(splits[split].lengths[s * cfg.cache.shard_rows:(s + 1) * cfg.cache.shard_rows]))
+  tokens = sum(int(np.sum(row_tokens[split][s * cfg.cache.shard_rows:(s + 1) * cfg.cache.shard_rows]))
                for split, s in todo)
   from tqdm.auto import tqdm
 
@@ -196,7 +225,10 @@ def write_cache(cfg: config_lib.Config, *, progress_bar: Optional[bool] = None) 
       idx = rows[start:start + batch_size]
       idx = np.concatenate([idx, np.full(batch_size - len(idx), -1, idx.dtype)])  # one shape
       batch = data.assemble(ex, idx, ex.max_length)
-      batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+      if own_tokens:  # the teacher's own tokens of the rows
+        batch = alignment.teacher_batch(batch)
+      else:
+        batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
       chunks.append(encode(batch))
     packed = np.concatenate(jax.device_get(chunks))[:len(rows)]
     path = _shard_path(root, split, s)
@@ -205,7 +237,7 @@ def write_cache(cfg: config_lib.Config, *, progress_bar: Optional[bool] = None) 
     np.save(tmp, packed)
     os.replace(tmp, path)
     written += 1
-    done = int(np.sum(ex.lengths[rows]))
+    done = int(np.sum(row_tokens[split][rows]))
     bar.update(done)
     bar.set_postfix(tok_per_s=f"{bar.n / max(time.perf_counter() - t0, 1e-9):,.0f}", refresh=False)
     if 0 < fault.cache_exit_after_shards <= written:

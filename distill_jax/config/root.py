@@ -98,7 +98,7 @@ class Config(Section):
     known(self.cache.teacher, "cache.teacher")
     if not self.objective.terms:
       raise invalid("objective.terms must list at least one term, e.g. '- {loss: forward_kl}'")
-    sparse = ", ".join(n for n, spec in LOSSES.items() if spec.inputs == "sparse")
+    sparse = ", ".join(n for n, spec in LOSSES.items() if spec.inputs in ("sparse", "cross_tokenizer"))
     for i, term in enumerate(self.objective.terms):
       path = f"objective.terms[{i}].teacher"
       for j, name in enumerate(term.teachers):
@@ -108,7 +108,7 @@ class Config(Section):
         raise invalid(f"{path} is required when there are several teachers ({allowed})")
       read = term.teachers or ((names[0],) if "teacher" in spec.options else ())
       cached = [n for n in read if self.teachers[n].cache is not None]
-      if cached and spec.inputs != "sparse":
+      if cached and spec.inputs not in ("sparse", "cross_tokenizer"):
         raise invalid(f"objective.terms[{i}].loss: teacher {cached[0]!r} is read from its cache (top-k "
                       f"log-probabilities only), which {term.loss} cannot use; allowed: {sparse}")
       if cached and self.objective.on_policy is not None:

@@ -47,6 +47,8 @@ from distill_jax.objective.objective import CachedTeacher
 
 MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
+#: Manifest key of a cross-tokenizer cache: the student tokenizer's fingerprint (its rows depend on both).
+STUDENT_TOKENIZER = "student_tokenizer_fingerprint"
 SPLITS = ("train", "validation")
 VERSION = 1
 _BATCH_KEY = "teacher_cache.{}"
@@ -70,6 +72,10 @@ def data_fingerprint(examples: Any) -> str:
   for name in sorted(examples.tokens):
     h.update(name.encode())
     h.update(np.ascontiguousarray(examples.tokens[name], np.int32).tobytes())
+  row_arrays = getattr(examples, "row_arrays", None) or {}  # a cross-tokenizer row: the teacher's tokens, spans
+  for name in sorted(row_arrays):
+    h.update(f"row:{name}:{row_arrays[name].shape}".encode())
+    h.update(np.ascontiguousarray(row_arrays[name], np.int32).tobytes())
   return h.hexdigest()
 
 
@@ -144,6 +150,13 @@ class TeacherCache(CachedTeacher):
   def batch_key(self) -> str:
     return _BATCH_KEY.format(self.name)
 
+  @property
+  def cross_tokenizer(self) -> bool:
+    """Whether the cache holds the teacher's top-k on its own tokens of cross-tokenizer rows
+    (``teacher_length`` positions per row, in the teacher's vocabulary; the step gathers them at
+    ``teacher_index``), rather than on the student's tokens."""
+    return STUDENT_TOKENIZER in self.manifest
+
   def decode(self, rows: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(ids, logprobs, log_tail)`` of this cache's packed rows ``uint8 [B, L, bytes]`` (jittable)."""
     return cache_codec.decode(self.format, rows)
@@ -165,15 +178,30 @@ class TeacherCache(CachedTeacher):
     """The tokenizer the rows were made with (read once)."""
     return checkpoints.load_tokenizer(self.root / TOKENIZER_DIR)
 
-  def check(self, tokenizer: Any, splits: Mapping[str, Any]) -> None:
+  def check(self, tokenizer: Any, splits: Mapping[str, Any], *, student_tokenizer: Any = None) -> None:
     """One-line `UserError` naming ``teachers.<name>.cache`` unless the run's tokenizer and
-    tokenized splits (``{"train": Examples, "validation": Examples}``) are the cached ones."""
+    tokenized splits (``{"train": Examples, "validation": Examples}``) are the cached ones.
+
+    A cross-tokenizer run passes the teacher's tokenizer as `tokenizer` and the student's as
+    `student_tokenizer` (the rows depend on both); its cache must be a `cross_tokenizer` one.
+    """
     field = f"teachers.{self.name}.cache"
-    fp = tokenizer_fingerprint(tokenizer)
-    if fp != self.manifest["tokenizer_fingerprint"]:
-      raise UserError(f"{field}: the cache was written with another tokenizer (fingerprint "
-                      f"{self.manifest['tokenizer_fingerprint'][:12]} != this run's {fp[:12]}); rerun "
-                      f"distill-jax cache-teacher for this tokenizer")
+    cross = student_tokenizer is not None
+    if cross != self.cross_tokenizer:
+      held = "on its own tokens of cross-tokenizer rows" if self.cross_tokenizer else "on the student's tokens"
+      want = "its own tokens (a cross-tokenizer run)" if cross else "the student's tokens"
+      raise UserError(f"{field}: the cache holds the teacher's top-k {held}; this run needs them on {want}; rerun "
+                      f"distill-jax cache-teacher with this run's config")
+    checks = [("tokenizer", "tokenizer_fingerprint", tokenizer)]
+    if cross:
+      checks = [("teacher tokenizer", "tokenizer_fingerprint", tokenizer),
+                ("student tokenizer", STUDENT_TOKENIZER, student_tokenizer)]
+    for what, key, tok in checks:
+      fp = tokenizer_fingerprint(tok)
+      if fp != self.manifest[key]:
+        raise UserError(f"{field}: the cache was written with another {what} (fingerprint "
+                        f"{self.manifest[key][:12]} != this run's {fp[:12]}); rerun "
+                        f"distill-jax cache-teacher for this {what}")
     for split, examples in splits.items():
       want, got = self.manifest["splits"][split]["data_fingerprint"], data_fingerprint(examples)
       if want != got:
@@ -195,15 +223,19 @@ class TeacherCache(CachedTeacher):
     return self.vocab_size
 
   def rows(self, split: str) -> "CachedRows":
-    return CachedRows(self.root, split, self.manifest["splits"][split], self.format.bytes_per_token)
+    info = self.manifest["splits"][split]
+    # Cross-tokenizer rows are the teacher's: all their positions, whatever the student's length.
+    return CachedRows(self.root, split, info, self.format.bytes_per_token,
+                      length=int(info["row_length"]) if self.cross_tokenizer else None)
 
 
 class CachedRows:
   """``(indices, length) -> uint8 [len(indices), length, bytes]``: packed rows of one split,
   read from memory-mapped shards (index ``-1``, a padded example: zeros)."""
 
-  def __init__(self, root: pathlib.Path, split: str, info: Mapping[str, Any], bytes_per_token: int):
-    self._root, self._split = root, split
+  def __init__(self, root: pathlib.Path, split: str, info: Mapping[str, Any], bytes_per_token: int,
+               length: int | None = None):
+    self._root, self._split, self._length = root, split, length
     self._shard_rows = int(info["shard_rows"])
     self._bytes = bytes_per_token
     self._maps: dict[int, np.ndarray] = {}
@@ -214,6 +246,7 @@ class CachedRows:
     return self._maps[s]
 
   def __call__(self, indices: np.ndarray, length: int) -> np.ndarray:
+    length = self._length or length  # a fixed row length (the teacher's) wins over the batch's
     indices = np.asarray(indices)
     out = np.zeros((len(indices), length, self._bytes), np.uint8)
     shard_of, row_of = np.divmod(indices, self._shard_rows)

@@ -133,9 +133,14 @@ def _bind(i: int, term: Term, student, teachers: Mapping[str, Any]) -> _Bound:
         raise term_error(i, "loss", f"{term.loss} compares next-token distributions; the student's task is "
                                f"{student.task!r}, not causal_lm")
       if isinstance(teacher, CachedTeacher):
+        if spec.inputs == "cross_tokenizer":
+          kw.update(_bind_cached_cross_tokenizer(i, term, student, teacher, name))
+          vocabs.append(student.vocab_size)  # the student's own logits, against the teacher's cached top-k
+          continue
         if spec.inputs != "sparse":
+          allowed = ", ".join(n for n, s in LOSSES.items() if s.inputs in ("sparse", "cross_tokenizer"))
           raise term_error(i, "loss", f"teacher {name!r} is a cache (top-k log-probabilities only); {term.loss} needs its "
-                                 f"logits; allowed: {', '.join(n for n, s in LOSSES.items() if s.inputs == 'sparse')}")
+                                 f"logits; allowed: {allowed}")
         if term.top_k is not None and term.top_k != teacher.top_k:
           raise term_error(i, "top_k", f"{term.top_k} differs from the {teacher.top_k} entries teacher {name!r}'s cache "
                                   f"keeps (leave it unset)")
@@ -190,6 +195,15 @@ def _bind_cross_tokenizer(i: int, term: Term, student, teacher, name: str) -> di
   s_ids, t_ids = vocab_map.shared_vocab(student.tokenizer, teacher.tokenizer)
   keep = (s_ids < student.vocab_size) & (t_ids < teacher.vocab_size)
   return {**vocabs, "shared": (tuple(int(v) for v in s_ids[keep]), tuple(int(v) for v in t_ids[keep]))}
+
+
+def _bind_cached_cross_tokenizer(i: int, term: Term, student, teacher, name: str) -> dict[str, Any]:
+  """A uld/hybrid_uld term against a cache of the teacher's top-k on its own tokens: as live
+  (`_bind_cross_tokenizer`, the cache's tokenizer), the cache's k entries + tail compared."""
+  if term.top_k is not None:
+    raise term_error(i, "top_k", f"{term.loss} against teacher {name!r}'s cache compares its {teacher.top_k} cached "
+                            f"entries + tail; leave it unset")
+  return {**_bind_cross_tokenizer(i, term, student, teacher, name), "top_k": teacher.top_k}
 
 
 # The chunked form of each loss that a causal LM's final hidden states + head can feed.
@@ -508,6 +522,8 @@ def _sparse_term(x: _Inputs) -> tuple[jax.Array, jax.Array]:
 def _cross_tokenizer_term(x: _Inputs) -> tuple[jax.Array, jax.Array]:
   """uld / hybrid_uld: each student span-final token against the teacher's logits at the same
   span's last token (``batch["teacher_index"]``); the teacher ran on ``teacher_input_ids``."""
+  if x.term.teachers[0] in x.cached:
+    return _cached_cross_tokenizer_term(x)
   where = _logit_positions(x) & (x.batch["student_span_end"] == 1)
   kw = _kwargs(x.spec, x.term, temperature=temperature_at(x.term, x.step))
   if x.term.loss == "hybrid_uld":
@@ -523,6 +539,23 @@ def _cross_tokenizer_term(x: _Inputs) -> tuple[jax.Array, jax.Array]:
     return losses.masked_sum_and_count(values, where)
   t_logits = losses.span_gather(x.t_out.logits[..., :t_vocab], x.batch["teacher_index"])
   values = x.spec.fn(x.s_out.logits[..., :s_vocab], t_logits, where=where, **kw)
+  return losses.masked_sum_and_count(values, where)
+
+
+def _cached_cross_tokenizer_term(x: _Inputs) -> tuple[jax.Array, jax.Array]:
+  """uld / hybrid_uld against a cached teacher: its packed top-k + tail per teacher token,
+  gathered at the student's span-final positions (``batch["teacher_index"]``) and decoded, against
+  the student's logits (`losses.sparse_uld` / `losses.sparse_hybrid_uld`)."""
+  where = _logit_positions(x) & (x.batch["student_span_end"] == 1)
+  teacher = x.cached[x.term.teachers[0]]
+  ids, logprobs, log_tail = teacher.decode(losses.span_gather(x.batch[teacher.batch_key], x.batch["teacher_index"]))
+  kw = dict(temperature=temperature_at(x.term, x.step), where=where)
+  if x.term.loss == "hybrid_uld":
+    values = losses.sparse_hybrid_uld(_student_logits(x), ids, logprobs, log_tail, teacher_vocab=teacher.vocab_size,
+                                      student_shared_ids=jnp.asarray(x.b.shared[0], jnp.int32),
+                                      teacher_shared_ids=jnp.asarray(x.b.shared[1], jnp.int32), **kw)
+  else:
+    values = losses.sparse_uld(_student_logits(x), ids, logprobs, log_tail, **kw)
   return losses.masked_sum_and_count(values, where)
 
 

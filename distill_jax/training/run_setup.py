@@ -282,11 +282,14 @@ class CrossTokenizer:
   Attributes:
     teacher: the teacher's name.
     student_tokenizer, teacher_tokenizer: the two fast tokenizers.
+    teacher_field: where the teacher's tokenizer was read: ``teachers.<name>.path``, or
+      ``teachers.<name>.cache`` for a cached teacher (its cache directory, never its weights).
   """
 
   teacher: str
   student_tokenizer: Any
   teacher_tokenizer: Any
+  teacher_field: str = ""
 
 
 def _checkpoint_tokenizer(path: str, field: str) -> Any:
@@ -297,14 +300,17 @@ def _checkpoint_tokenizer(path: str, field: str) -> Any:
   return tok
 
 
-def cross_tokenizer(cfg: config_lib.Config) -> Optional[CrossTokenizer]:
-  """The live teacher that the cross-tokenizer terms (`CROSS_TOKENIZER_LOSSES`) read, with the
+def cross_tokenizer(cfg: config_lib.Config,
+                    teacher_tokenizers: Optional[Mapping[str, Any]] = None) -> Optional[CrossTokenizer]:
+  """The teacher that the cross-tokenizer terms (`CROSS_TOKENIZER_LOSSES`) read, with the
   student's and its tokenizers (the same one when the student shares the teacher's: an identity
-  alignment, where ``hybrid_uld`` is ``forward_kl``); None without such terms.  Reads tokenizers only.
+  alignment, where ``hybrid_uld`` is ``forward_kl``); None without such terms.  Reads tokenizers only:
+  a cached teacher's from its cache directory, unless `teacher_tokenizers` (``{name: tokenizer}``,
+  what ``cache-teacher`` read from the checkpoint it is caching) holds it.
 
   Raises:
     ValueError: one line naming the field, before any model loads: a slow tokenizer, another
-      term reading that teacher, a cached teacher, two such teachers, on-policy across tokenizers.
+      term reading that teacher, two such teachers, on-policy across tokenizers.
   """
   terms = cfg.resolved_terms()
   readers = sorted({n for t in terms if t.loss in CROSS_TOKENIZER_LOSSES for n in t.teachers})
@@ -314,11 +320,12 @@ def cross_tokenizer(cfg: config_lib.Config) -> Optional[CrossTokenizer]:
     raise ValueError(f"objective.terms: cross-tokenizer terms read one teacher; got {', '.join(readers)}")
   name = readers[0]
   tc = cfg.teachers[name]
-  if tc.cache is not None:
-    raise ValueError(f"teachers.{name}.cache: {', '.join(CROSS_TOKENIZER_LOSSES)} run the teacher live "
-                     f"(its logits); unset the cache")
-  s_field, t_field = "student.path", f"teachers.{name}.path"
-  t_tok = data_tokenizer(cfg, name)  # the teacher's (a self-teacher's: the student checkpoint's)
+  given = (teacher_tokenizers or {}).get(name)
+  cached = tc.cache is not None and given is None  # the tokenizer the cache was written with
+  s_field, t_field = "student.path", f"teachers.{name}.cache" if cached else f"teachers.{name}.path"
+  # The teacher's (a self-teacher's: the student checkpoint's; a cached one's: its cache's).
+  t_tok = given if given is not None else data_tokenizer(cfg, name)
+  where = tc.path if not cached else f"cache {tc.cache}"
   own = cfg.student.init == "path" and tc.path != config_lib.SELF_TEACHER
   s_tok = _checkpoint_tokenizer(cfg.student.path, s_field) if own else t_tok  # else derived: the teacher's
   same = s_tok is t_tok or s_tok.get_vocab() == t_tok.get_vocab()
@@ -326,15 +333,18 @@ def cross_tokenizer(cfg: config_lib.Config) -> Optional[CrossTokenizer]:
   vocab_map.check_fast(s_tok, s_field)
   vocab_map.check_fast(t_tok, t_field)
   for i, t in enumerate(terms):
+    if name in t.teachers and tc.cache is not None and t.top_k is not None:
+      raise ValueError(f"objective.terms[{i}].top_k: {t.loss} against teacher {name!r}'s cache compares the "
+                       f"cache.top_k entries it holds + their tail; leave it unset")
     if name in t.teachers and t.loss not in CROSS_TOKENIZER_LOSSES:
       why = ("the cross-tokenizer terms run it on its own rows" if same else
-             f"teacher {name!r} ({tc.path}) and the student ({cfg.student.path}) tokenize differently")
+             f"teacher {name!r} ({where}) and the student ({cfg.student.path}) tokenize differently")
       raise ValueError(f"objective.terms[{i}].loss: {t.loss} needs the teacher on the student's rows, but {why}; "
                        f"allowed with teacher {name!r}: {', '.join(CROSS_TOKENIZER_LOSSES)}")
   if cfg.objective.on_policy is not None:
     raise ValueError(f"objective.on_policy: the student's samples would need re-tokenizing for teacher {name!r} "
-                     f"({tc.path}; student {cfg.student.path}), which the cross-tokenizer terms read")
-  return CrossTokenizer(name, s_tok, t_tok)
+                     f"({where}; student {cfg.student.path}), which the cross-tokenizer terms read")
+  return CrossTokenizer(name, s_tok, t_tok, t_field)
 
 
 def teacher_length(max_length: int, texts: list[str], cross: CrossTokenizer) -> int:
@@ -376,7 +386,7 @@ def load_aligned_data(cfg: config_lib.Config, cross: CrossTokenizer) -> tuple[An
 
   train_texts, val_texts = texts(train_ds), texts(val_ds)
   kw = dict(student_length=d.max_length, teacher_length=teacher_length(d.max_length, train_texts, cross),
-            student_field="student.path", teacher_field=f"teachers.{cross.teacher}.path")
+            student_field="student.path", teacher_field=cross.teacher_field or f"teachers.{cross.teacher}.path")
   train_ex = alignment.aligned_examples(train_texts, cross.student_tokenizer, cross.teacher_tokenizer, **kw)
   eval_ex = alignment.aligned_examples(val_texts, cross.student_tokenizer, cross.teacher_tokenizer, **kw)
   _check_sizes(cfg, train_ex, eval_ex)
@@ -437,18 +447,22 @@ def build_run(cfg: config_lib.Config) -> Run:
     train_ex, eval_ex = load_data(cfg, tokenizer, _student_task(cfg))
   else:
     train_ex, eval_ex = load_aligned_data(cfg, cross)
-  for cache in caches.values():  # before any model loads
-    cache.check(tokenizer, {"train": train_ex, "validation": eval_ex})
+  for n, cache in caches.items():  # before any model loads
+    if cross is not None and n == cross.teacher:  # its top-k on its own tokens of these rows
+      cache.check(cross.teacher_tokenizer, {"train": train_ex, "validation": eval_ex},
+                  student_tokenizer=cross.student_tokenizer)
+    else:
+      cache.check(tokenizer, {"train": train_ex, "validation": eval_ex})
   student, teachers = _load_models(cfg)
   student = runtime_model(student, attention_impl, mesh)
   teachers = {n: runtime_model(t, attention_impl, mesh) for n, t in teachers.items()}
   objective = objective_lib.build_objective(cfg.resolved_terms(), student=student, teachers={**teachers, **caches},
                                             chunk_size=cfg.objective.chunk_size)
   shared_vocab = None
-  if main in caches:
-    shared_vocab = caches[main].student_vocab(student, f"teachers.{main}.cache")
-  elif cross is not None and cross.teacher == main:  # compared span by span, never position by position
+  if cross is not None and cross.teacher == main:  # compared span by span, never position by position
     shared_vocab = None
+  elif main in caches:
+    shared_vocab = caches[main].student_vocab(student, f"teachers.{main}.cache")
   elif student.task in models.LM_TASKS + ("sequence_classification",) and teachers[main].task == student.task:
     shared_vocab = models.check_vocab(teachers[main], student) if student.task != "sequence_classification" else None
   transform = _batch_transform(cfg, student.task, tokenizer, train_ex, shared_vocab or student.vocab_size, main)
