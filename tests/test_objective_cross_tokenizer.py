@@ -43,7 +43,8 @@ def _outputs(teacher, student, batch):
 def test_uld_terms_match_the_losses_at_span_ends(pair):
   teacher, student, batch = pair
   obj = objective_lib.build_objective([{"loss": "uld", "temperature": 2.0}, {"loss": "hybrid_uld"}],
-                                      student=student, teachers={"teacher": teacher})
+                                      student=student, teachers={"teacher": teacher},
+                                      chunk_size=None)  # the logits path (chunked: test_cross_tokenizer_chunked)
   assert obj.outputs_for("teacher") == ("logits",)
   t_out, s_out = _outputs(teacher, student, batch)
   s_batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

@@ -24,7 +24,7 @@ and zero gradient; divergences are multiplied by ``temperature**2`` like every l
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -149,7 +149,11 @@ def hybrid_uld(
   student = jnp.asarray(student_logits)
   teacher = jnp.asarray(teacher_logits)
   _check_pair(student, teacher, "hybrid_uld")
-  s_ids, t_ids = _shared_ids(student_shared_ids, teacher_shared_ids)
+  s_ids = jnp.asarray(student_shared_ids, jnp.int32)
+  t_ids = jnp.asarray(teacher_shared_ids, jnp.int32)
+  if s_ids.ndim != 1 or s_ids.shape != t_ids.shape:
+    raise ValueError(f"hybrid_uld: student_shared_ids {s_ids.shape} and teacher_shared_ids {t_ids.shape} "
+                     "must be equal-length 1-D id lists")
   mask = _reduce.broadcast_mask(where, student.shape[:-1])
   logp_s, p_s = _probs(student, mask, temperature)
   logp_t, p_t = _probs(teacher, mask, temperature)
@@ -162,60 +166,6 @@ def hybrid_uld(
   values = matched_weight * kl + unmatched_weight * _sorted_l1(rest_s, rest_t, top_k)
   values = values * jnp.square(jnp.asarray(temperature, jnp.float32))
   return _reduce.mask_outputs(values, mask)
-
-
-def _shared_ids(student_shared_ids: ArrayLike, teacher_shared_ids: ArrayLike) -> tuple[jax.Array, jax.Array]:
-  s_ids = jnp.asarray(student_shared_ids, jnp.int32)
-  t_ids = jnp.asarray(teacher_shared_ids, jnp.int32)
-  if s_ids.ndim != 1 or s_ids.shape != t_ids.shape:
-    raise ValueError(f"hybrid_uld: student_shared_ids {s_ids.shape} and teacher_shared_ids {t_ids.shape} "
-                     "must be equal-length 1-D id lists")
-  return s_ids, t_ids
-
-
-def _chunked_cross(
-    dense: Callable[..., jax.Array],
-    student_hidden: ArrayLike, student_unembed: ArrayLike,
-    teacher_hidden: ArrayLike, teacher_unembed: ArrayLike,
-    *,
-    where: ArrayLike | None,
-    chunk_size: int,
-    student_bias: ArrayLike | None,
-    teacher_bias: ArrayLike | None,
-    student_softcap: Optional[float],
-    teacher_softcap: Optional[float],
-    student_vocab: Optional[int],
-    teacher_vocab: Optional[int],
-    ids: Any = (),
-) -> jax.Array:
-  """``dense(student_logits, teacher_logits, where=mask, **ids)`` per token, chunk by chunk.
-
-  Both models' logits are formed one chunk at a time (the teacher's inside the chunk loss,
-  a constant; the student's by `_vocab.chunked_student_values`, whose custom VJP recomputes
-  them in the backward pass).  ``ids`` (a mapping of constant arrays) is handed to every chunk.
-  """
-  _reduce.check_positive_int("chunk_size", chunk_size)
-  hs = jnp.asarray(student_hidden)
-  ht = jax.lax.stop_gradient(jnp.asarray(teacher_hidden))
-  student = _vocab._check_head("student", hs, _vocab.Head(student_unembed, student_bias, student_softcap))
-  teacher = _vocab._check_head("teacher", ht, _vocab.Head(teacher_unembed, teacher_bias, teacher_softcap))
-  lead = hs.shape[:-1]
-  if ht.shape[:-1] != lead:
-    raise ValueError(f"token axes differ: student_hidden {hs.shape}, teacher_hidden {ht.shape} (gather the "
-                     "teacher at the aligned positions with span_gather)")
-  s_vocab = _vocab._check_vocab(student_vocab, [student.kernel.shape[1]], "student_vocab")
-  t_vocab = _vocab._check_vocab(teacher_vocab, [teacher.kernel.shape[1]], "teacher_vocab")
-  t_cap = teacher.softcap  # static: closed over, not a chunk input
-
-  def loss(s_logits, t_h, shared, mask):
-    (w, b), kw = shared
-    t_logits = _vocab.head_logits(t_h, _vocab.Head(w, b, t_cap), t_vocab)
-    return dense(s_logits, t_logits, where=mask, **kw)
-
-  mask = _reduce.mask_or_ones(where, lead)
-  return _vocab.chunked_student_values(
-      loss, _reduce.mask_inputs(hs, mask), student, _reduce.mask_inputs(ht, mask),
-      ((teacher.kernel, teacher.bias), dict(ids)), mask, chunk_size=chunk_size, vocab=s_vocab)
 
 
 _CHUNKED_ARGS = """
@@ -235,31 +185,53 @@ _CHUNKED_ARGS = """
 """
 
 
-def chunked_uld(
-    student_hidden: ArrayLike,
-    student_unembed: ArrayLike,
-    teacher_hidden: ArrayLike,
-    teacher_unembed: ArrayLike,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    where: ArrayLike | None = None,
-    chunk_size: int = _vocab.DEFAULT_CHUNK_SIZE,
-    student_bias: ArrayLike | None = None,
-    teacher_bias: ArrayLike | None = None,
-    student_softcap: Optional[float] = None,
-    teacher_softcap: Optional[float] = None,
-    student_vocab: Optional[int] = None,
-    teacher_vocab: Optional[int] = None,
-) -> jax.Array:
-  return _chunked_cross(
-      functools.partial(uld, temperature=temperature, top_k=top_k), student_hidden, student_unembed,
-      teacher_hidden, teacher_unembed, where=where, chunk_size=chunk_size, student_bias=student_bias,
-      teacher_bias=teacher_bias, student_softcap=student_softcap, teacher_softcap=teacher_softcap,
-      student_vocab=student_vocab, teacher_vocab=teacher_vocab)
+def _chunked_fn(dense: Callable[..., jax.Array], doc: str, ids: tuple[str, ...] = ()) -> Callable[..., jax.Array]:
+  """A public ``chunked_<dense>``: ``dense(student_logits, teacher_logits, where=mask, **hyper)`` per
+  token, chunk by chunk.
+
+  Both models' logits are formed one chunk at a time (the teacher's inside the chunk loss, a
+  constant; the student's by `_vocab.chunked_student_values`, whose custom VJP recomputes them
+  in the backward pass).  The ``ids`` keyword arguments (integer arrays) are handed to every
+  chunk as inputs, the other ``hyper`` are bound to ``dense``.
+  """
+
+  def fn(student_hidden, student_unembed, teacher_hidden, teacher_unembed, *, where=None,
+         chunk_size=_vocab.DEFAULT_CHUNK_SIZE, student_bias=None, teacher_bias=None, student_softcap=None,
+         teacher_softcap=None, student_vocab=None, teacher_vocab=None, **hyper):
+    missing = [k for k in ids if k not in hyper]
+    if missing:
+      raise TypeError(f"{fn.__name__}() missing keyword arguments: {', '.join(missing)}")
+    chunk_ids = {k: jnp.asarray(hyper.pop(k), jnp.int32) for k in ids}
+    loss_of_logits = functools.partial(dense, **hyper)
+    _reduce.check_positive_int("chunk_size", chunk_size)
+    hs = jnp.asarray(student_hidden)
+    ht = jax.lax.stop_gradient(jnp.asarray(teacher_hidden))
+    student = _vocab._check_head("student", hs, _vocab.Head(student_unembed, student_bias, student_softcap))
+    teacher = _vocab._check_head("teacher", ht, _vocab.Head(teacher_unembed, teacher_bias, teacher_softcap))
+    lead = hs.shape[:-1]
+    if ht.shape[:-1] != lead:
+      raise ValueError(f"token axes differ: student_hidden {hs.shape}, teacher_hidden {ht.shape} (gather the "
+                       "teacher at the aligned positions with span_gather)")
+    s_vocab = _vocab._check_vocab(student_vocab, [student.kernel.shape[1]], "student_vocab")
+    t_vocab = _vocab._check_vocab(teacher_vocab, [teacher.kernel.shape[1]], "teacher_vocab")
+    t_cap = teacher.softcap  # static: closed over, not a chunk input
+
+    def loss(s_logits, t_h, shared, mask):
+      (w, b), kw = shared
+      t_logits = _vocab.head_logits(t_h, _vocab.Head(w, b, t_cap), t_vocab)
+      return loss_of_logits(s_logits, t_logits, where=mask, **kw)
+
+    mask = _reduce.mask_or_ones(where, lead)
+    return _vocab.chunked_student_values(
+        loss, _reduce.mask_inputs(hs, mask), student, _reduce.mask_inputs(ht, mask),
+        ((teacher.kernel, teacher.bias), chunk_ids), mask, chunk_size=chunk_size, vocab=s_vocab)
+
+  fn.__name__ = fn.__qualname__ = f"chunked_{dense.__name__}"
+  fn.__doc__ = doc
+  return fn
 
 
-chunked_uld.__doc__ = """\
+chunked_uld = _chunked_fn(uld, """\
 Universal Logit Distillation (see :func:`uld`) from hidden states and heads, chunked.
 
   Equal (value and student gradients) to ``uld(head_S(h_S)[..., :student_vocab],
@@ -268,51 +240,19 @@ Universal Logit Distillation (see :func:`uld`) from hidden states and heads, chu
 
   Returns:
     `[N]` or `[B, T]` float32 per-position distance.
-"""
-
-
-def chunked_hybrid_uld(
-    student_hidden: ArrayLike,
-    student_unembed: ArrayLike,
-    teacher_hidden: ArrayLike,
-    teacher_unembed: ArrayLike,
-    *,
-    student_shared_ids: ArrayLike,
-    teacher_shared_ids: ArrayLike,
-    temperature: float = 1.0,
-    matched_weight: float = 1.0,
-    unmatched_weight: float = 1.0,
-    top_k: int | None = None,
-    where: ArrayLike | None = None,
-    chunk_size: int = _vocab.DEFAULT_CHUNK_SIZE,
-    student_bias: ArrayLike | None = None,
-    teacher_bias: ArrayLike | None = None,
-    student_softcap: Optional[float] = None,
-    teacher_softcap: Optional[float] = None,
-    student_vocab: Optional[int] = None,
-    teacher_vocab: Optional[int] = None,
-) -> jax.Array:
-  s_ids, t_ids = _shared_ids(student_shared_ids, teacher_shared_ids)
-  dense = functools.partial(hybrid_uld, temperature=temperature, matched_weight=matched_weight,
-                            unmatched_weight=unmatched_weight, top_k=top_k)
-  return _chunked_cross(
-      dense, student_hidden, student_unembed, teacher_hidden, teacher_unembed, where=where,
-      chunk_size=chunk_size, student_bias=student_bias, teacher_bias=teacher_bias,
-      student_softcap=student_softcap, teacher_softcap=teacher_softcap, student_vocab=student_vocab,
-      teacher_vocab=teacher_vocab, ids={"student_shared_ids": s_ids, "teacher_shared_ids": t_ids})
-
-
-chunked_hybrid_uld.__doc__ = """\
+""")
+chunked_hybrid_uld = _chunked_fn(hybrid_uld, """\
 KL over the shared tokens plus ULD on the rest (see :func:`hybrid_uld`) from hidden states, chunked.
 
   Equal (value and student gradients) to ``hybrid_uld(head_S(h_S)[..., :student_vocab],
   head_T(h_T)[..., :teacher_vocab], ...)``; memory per chunk only, never `[B, T, V]`.
-""" + _CHUNKED_ARGS + """    student_shared_ids, teacher_shared_ids, temperature, matched_weight, unmatched_weight,
-      top_k: as in :func:`hybrid_uld` (ids below the vocabularies).
+""" + _CHUNKED_ARGS + """    student_shared_ids, teacher_shared_ids: required, as in :func:`hybrid_uld` (ids below
+      the vocabularies).
+    temperature, matched_weight, unmatched_weight, top_k: as in :func:`hybrid_uld`.
 
   Returns:
     `[N]` or `[B, T]` float32 per-position loss.
-"""
+""", ids=("student_shared_ids", "teacher_shared_ids"))
 
 
 def span_gather(values: ArrayLike, index: ArrayLike) -> jax.Array:
