@@ -292,3 +292,39 @@ def test_a_mismatched_cache_is_one_line_before_any_model_loads_and_nothing_writt
   _one_line_error(r"^objective\.terms\[0\]\.top_k: uld against teacher 'teacher''s cache compares the cache\.top_k",
                   lambda: trainer.train(_cached_config(setup, xcache, "mismatch", "teachers.teacher.path=null",
                                                        "objective.terms[0].top_k=4")))
+
+
+@pytest.mark.slow  # two CLI runs of cache-teacher (one killed) and one of train: a few minutes on 2 cores
+def test_the_recipe_caches_across_tokenizers_resumes_after_a_kill_and_trains_from_the_cache_by_cli(setup):
+  import subprocess
+  import sys
+
+  from test_cross_tokenizer_train import RECIPE
+
+  out, run_dir = setup["root"] / "cli_cache", setup["root"] / "cli_train"
+  common = [f"teacher.path={setup['teacher']}", f"student.path={setup['student']}", f"data.source={setup['text']}",
+            "data.name=null", "data.max_length=16", "data.global_batch_size=8", "data.validation_split=null",
+            "data.buckets=false", "data.prefetch=0", "data.num_workers=0", "logging.progress_bar=false",
+            "logging.tensorboard=false", "eval.before_and_after=false", "export.enabled=false", *CACHE,
+            f"teacher.cache={out}"]
+  cli = [sys.executable, "-m", "distill_jax.cli"]
+  env = dict(os.environ, DISTILL_JAX_FAULTS=json.dumps({"cache_exit_after_shards": 2}))
+  killed = subprocess.run(cli + ["cache-teacher", RECIPE, *common], env=env, capture_output=True, text=True,
+                          timeout=900)
+  assert killed.returncode == 137, killed.stderr[-2000:]
+  first = {k: (p.stat().st_mtime_ns, p.stat().st_ino) for k, p in _shards(out).items()}
+  assert len(first) == 2 and not (out / "manifest.json").exists()
+  resumed = subprocess.run(cli + ["cache-teacher", RECIPE, *common], capture_output=True, text=True, timeout=900)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert {k: (p.stat().st_mtime_ns, p.stat().st_ino) for k, p in _shards(out).items() if k in first} == first
+  manifest = json.loads((out / "manifest.json").read_text())
+  assert teacher_cache.STUDENT_TOKENIZER in manifest and manifest["shards"] == len(_shards(out)) > 2
+  trained = subprocess.run(cli + ["train", RECIPE, *common, "teacher.path=null", "train.steps=3",
+                                  "optimizer.warmup_steps=0", "train.eval_every=0", "train.eval_batches=1",
+                                  "checkpoint.every=0", f"train.run_dir={run_dir}"],
+                           capture_output=True, text=True, timeout=900)
+  assert trained.returncode == 0, trained.stderr[-2000:]
+  assert "teacher = the cache" in trained.stdout + trained.stderr
+  rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  train = [r for r in rows if "train/loss" in r]
+  assert train and all(np.isfinite(r[f"train/{k}"]) and r[f"train/{k}"] > 0 for r in train for k in ("uld", "hybrid_uld"))

@@ -18,6 +18,12 @@ none skipped). With several processes, process ``p`` writes the shards ``s`` wit
 ``s % process_count == p`` on its own local devices; process 0 writes the manifest after
 all have finished.
 
+A teacher that the cross-tokenizer terms read is cached on its own tokens of the aligned rows
+(``teacher_input_ids``): its shards hold ``teacher_length`` positions per row in its own
+vocabulary, ``tokenizer/`` is the teacher's, and the manifest also holds the student
+tokenizer's fingerprint (`STUDENT_TOKENIZER`; the rows depend on both); `TeacherCache.check`
+compares both, and the step gathers the entries at the student's span-final positions.
+
 A run whose ``teachers.<name>.cache`` names the directory never loads that teacher:
 `TeacherCache` checks the tokenizer and data fingerprints against the run's own (a
 mismatch is a one-line error) and gathers the packed rows of each batch through the Grain
