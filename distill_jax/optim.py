@@ -28,6 +28,33 @@ def decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def clip_by_global_norm(max_norm: float, *, reuse_norm: bool = True) -> optax.GradientTransformationExtraArgs:
+  """`optax.clip_by_global_norm` as one scalar factor, reusing a norm the caller already has.
+
+  Every leaf is multiplied by ``min(1, max_norm / norm)``: a multiply by a scalar, which XLA
+  fuses into each consumer (the Adam moments), where optax's per-element
+  ``select(norm < max_norm, t, t / norm * max_norm)`` was materialized as a clipped copy of
+  the gradient, read by both moments next to the gradient itself (issue 18).  The numbers
+  are optax's up to rounding (one multiply instead of a divide and a multiply).
+
+  With `reuse_norm`, ``update(..., global_norm=n)`` takes ``n`` (the train step's norm of
+  these very updates) instead of another pass over every leaf.  It must be False where the
+  caller's norm is of other updates: under `optax.MultiSteps` the clip sees the accumulated
+  gradient, not the micro-step's.
+  """
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None, *, global_norm=None, **extra_args):
+    del params, extra_args
+    norm = optax.global_norm(updates) if global_norm is None or not reuse_norm else global_norm
+    factor = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+    return jax.tree.map(lambda t: t * factor.astype(t.dtype), updates), state
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
 def make_lr_schedule(learning_rate: float, *, warmup_steps: int = 0, total_steps: Optional[int] = None,
                      schedule: str = "cosine", end_lr_factor: float = 0.0) -> optax.Schedule:
   """Linear warm-up to ``learning_rate`` then cosine / linear decay or constant.
@@ -71,7 +98,8 @@ def make_optimizer(name: str = "adamw", learning_rate: float = 1e-4, *, warmup_s
     schedule: ``"cosine"``, ``"linear"`` or ``"constant"`` after warm-up.
     weight_decay: decoupled weight decay, masked by `decay_mask` (no norms, biases, 1-D).
     b1, b2, eps: Adam moments (``b1`` is SGD momentum).
-    clip_norm: global-norm clipping of the (accumulated) gradient; ``None`` or 0 for none.
+    clip_norm: global-norm clipping of the (accumulated) gradient; ``None`` or 0 for none
+      (`clip_by_global_norm`: ``update`` takes the step's ``global_norm=`` when given).
     grad_accum_steps: gradients of this many consecutive steps are averaged before one
       update (`optax.MultiSteps`).
     final_lr_fraction: the cosine/linear schedule ends at ``learning_rate * final_lr_fraction``.
@@ -99,7 +127,8 @@ def make_optimizer(name: str = "adamw", learning_rate: float = 1e-4, *, warmup_s
   else:
     core = optax.chain(optax.add_decayed_weights(weight_decay, decay_mask),
                        optax.sgd(lr, momentum=b1 or None))
-  tx = optax.chain(optax.clip_by_global_norm(clip_norm), core) if clip_norm else core
+  clip = clip_by_global_norm(clip_norm, reuse_norm=grad_accum_steps == 1) if clip_norm else None
+  tx = optax.chain(clip, core) if clip else core
   if grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=grad_accum_steps)
   return tx

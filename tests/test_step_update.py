@@ -11,11 +11,13 @@ import jax
 import jax.extend.random as jex_random
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import distill_jax as dj
 import tiny
 from distill_jax import models
+from distill_jax import optim
 from distill_jax.objective import objective as objective_lib
 from distill_jax.training import state as state_lib
 from distill_jax.training import step as step_lib
@@ -105,3 +107,20 @@ def test_donated_state_is_updated_in_place_without_copies(setup):
   assert len(state_params) > 3 * len(jax.tree.leaves(state.params))
   copied = set(re.findall(r" copy\(%([^)]+)\)", entry))
   assert not copied & state_params, sorted(copied & state_params)[:5]
+
+
+@pytest.mark.parametrize("scale", [0.01, 10.0])  # under and over the max norm
+def test_clip_is_optax_clip_and_reuses_the_given_norm(scale):
+  rng = np.random.default_rng(1)
+  grads = {"w": jnp.asarray(rng.normal(size=(5, 3)) * scale, jnp.float32),
+           "b": jnp.asarray(rng.normal(size=(3,)) * scale, jnp.float32)}
+  want, _ = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+  clip = optim.clip_by_global_norm(1.0)
+  norm = float(np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in jax.tree.leaves(grads))))
+  for kwargs in ({}, {"global_norm": jnp.float32(norm)}):
+    got, _ = clip.update(grads, clip.init(grads), **kwargs)
+    chex.assert_trees_all_close(got, want, rtol=1e-6)
+  # reuse_norm=False (gradient accumulation: the step's norm is the micro-step's) ignores it.
+  ignored, _ = optim.clip_by_global_norm(1.0, reuse_norm=False).update(grads, optax.EmptyState(),
+                                                                         global_norm=jnp.float32(1e6))
+  chex.assert_trees_all_close(ignored, want, rtol=1e-6)
