@@ -289,6 +289,11 @@ def test_a_mismatched_cache_is_one_line_before_any_model_loads_and_nothing_writt
   _one_line_error(r"^teachers\.teacher\.cache: the cache holds the teacher's top-k on the student's tokens; this run "
                   r"needs them on its own tokens", lambda: trainer.train(cfg))
   assert not os.path.exists(cfg.train.run_dir)
+  # ... nor the other way round: a same-tokenizer term on the student's rows.
+  cfg = _cached_config(setup, xcache, "mismatch", "teachers.teacher.path=null",
+                       "objective.terms=[{loss: sparse_forward_kl}]")
+  _one_line_error(r"^teachers\.teacher\.cache: the cache holds the teacher's top-k on its own tokens of "
+                  r"cross-tokenizer rows; this run needs them on the student's tokens", lambda: trainer.train(cfg))
   _one_line_error(r"^objective\.terms\[0\]\.top_k: uld against teacher 'teacher''s cache compares the cache\.top_k",
                   lambda: trainer.train(_cached_config(setup, xcache, "mismatch", "teachers.teacher.path=null",
                                                        "objective.terms[0].top_k=4")))
