@@ -144,6 +144,33 @@ def test_where_masks_values_and_gradients_and_the_gradients_are_right():
     check_grads(jax.jit(lambda z: fn(z, temperature=2.0)), (zs,), order=1, modes=["rev"], atol=2e-2, rtol=2e-2)
 
 
+def test_the_chunked_forms_equal_the_logits_forms_in_value_and_gradients():
+  rng = np.random.RandomState(7)
+  b, t, d, vs, pad = 2, 5, 6, 11, 3  # a head padded by 3 columns that must not count
+  h = rng.randn(b, t, d).astype(np.float32)
+  w, bias = rng.randn(d, vs + pad).astype(np.float32), rng.randn(vs + pad).astype(np.float32)
+  _, zt = _pair(seed=8, shape=(b, t))
+  ids, logprobs, log_tail = _top_k(zt, 3)
+  where = rng.rand(b, t) > 0.3
+  kw = dict(student_shared_ids=S_IDS, teacher_shared_ids=T_IDS, teacher_vocab=VT, temperature=2.0)
+  pairs = [(losses.sparse_uld, losses.chunked_sparse_uld, {"temperature": 2.0}),
+           (losses.sparse_hybrid_uld, losses.chunked_sparse_hybrid_uld, kw)]
+  for dense, chunked, hyper in pairs:
+    def logits_path(h, w, bias, dense=dense, hyper=hyper):
+      z = (jnp.einsum("btd,dv->btv", h, w) + bias)[..., :vs]
+      return jnp.sum(dense(z, ids, logprobs, log_tail, where=where, **hyper))
+
+    def chunked_path(h, w, bias, chunked=chunked, hyper=hyper):
+      return jnp.sum(chunked(h, w, ids, logprobs, log_tail, where=where, chunk_size=2, student_bias=bias, vocab=vs,
+                             **hyper))
+
+    want, want_grads = jax.jit(jax.value_and_grad(logits_path, argnums=(0, 1, 2)))(h, w, bias)
+    got, got_grads = jax.jit(jax.value_and_grad(chunked_path, argnums=(0, 1, 2)))(h, w, bias)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, r in zip(got_grads, want_grads):
+      np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- cache-teacher and training
 
 import json  # noqa: E402
@@ -232,6 +259,7 @@ def test_the_validation_objective_from_the_cache_is_the_sparse_loss_against_the_
   monkeypatch.setattr(run_setup, "load_teacher", lambda *a, **k: pytest.fail("a cached teacher was loaded"))
   run = run_setup.build_run(_cached_config(setup, xcache, "from_cache", "teachers.teacher.path=null"))
   assert not run.teachers and set(run.caches) == {"teacher"} and run.cross_tokenizer.teacher == "teacher"
+  assert run.objective.chunk_size is not None  # the student's logits in chunks, against dense references below
   got = run_report.eval_loss(run, run.state, 0)
   monkeypatch.undo()
   teacher = models.load_model(setup["teacher"], "causal_lm")
@@ -246,7 +274,7 @@ def test_train_from_the_cache_with_uld_and_hybrid_uld(setup, xcache, monkeypatch
   monkeypatch.setattr(run_setup, "load_teacher", lambda *a, **k: pytest.fail("a cached teacher was loaded"))
   cfg = _cached_config(setup, xcache, "train_cache", "teachers.teacher.path=null", "train.steps=2",
                        "train.eval_every=0", "checkpoint.every=0", "data.prefetch=0", "data.num_workers=0",
-                       "optimizer.warmup_steps=0")
+                       "optimizer.warmup_steps=0", "objective.chunk_size=null")  # (the logits path)
   assert [t.loss for t in cfg.objective.terms] == ["uld", "hybrid_uld"]
   result = trainer.train(cfg)
   assert result.step == 2

@@ -48,6 +48,8 @@ from distill_jax.losses._sparse import sparse_forward_kl
 from distill_jax.losses._sparse import sparse_generalized_jsd
 from distill_jax.losses._sparse import sparse_reverse_kl
 from distill_jax.losses._sparse import teacher_top_k
+from distill_jax.losses._sparse_cross_tokenizer import chunked_sparse_hybrid_uld
+from distill_jax.losses._sparse_cross_tokenizer import chunked_sparse_uld
 from distill_jax.losses._sparse_cross_tokenizer import sparse_hybrid_uld
 from distill_jax.losses._sparse_cross_tokenizer import sparse_uld
 from distill_jax.losses._vocab import DEFAULT_CHUNK_SIZE
@@ -76,7 +78,9 @@ __all__ = [
     "chunked_skew_reverse_kl",
     "chunked_sparse_forward_kl",
     "chunked_sparse_generalized_jsd",
+    "chunked_sparse_hybrid_uld",
     "chunked_sparse_reverse_kl",
+    "chunked_sparse_uld",
     "chunked_top_k_teacher",
     "chunked_total_variation",
     "chunked_uld",

@@ -25,18 +25,21 @@ student's full distribution is tempered exactly.  With K = Vt (``log_tail = -inf
 losses equal their dense forms (:func:`distill_jax.losses.uld`,
 :func:`distill_jax.losses.hybrid_uld`) at every T.  All math is float32, values are
 unreduced and multiplied by T², and ``where`` masks positions with exactly zero value and
-zero gradient.
+zero gradient.  ``chunked_sparse_*`` take the student's final hidden states and unembedding
+instead and never form `[tokens, Vs]` logits (:mod:`distill_jax.losses._vocab`'s chunk loop).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from distill_jax.losses import _reduce
+from distill_jax.losses import _vocab
 from distill_jax.losses._sparse import _flat_teacher, _logsumexp_where
 
 
@@ -227,3 +230,114 @@ def sparse_hybrid_uld(
   uld_N = _sorted_l1_with_tail(rest_s, rest_t, k - jnp.sum(shared_NxK, axis=-1), p_t[:, k + 1])
   values = (matched_weight * kl_N + unmatched_weight * uld_N) * jnp.square(jnp.asarray(temperature, jnp.float32))
   return _reduce.mask_outputs(values, mask).reshape(lead)
+
+
+def _chunked(sparse_fn, student_hidden: ArrayLike, student_unembed: ArrayLike, teacher_ids: ArrayLike,
+             teacher_logprobs: ArrayLike, teacher_log_tail: ArrayLike, *, where: ArrayLike | None, chunk_size: int,
+             student_bias: ArrayLike | None, student_softcap: Optional[float], vocab: Optional[int],
+             ids: dict[str, jax.Array], **hyper) -> jax.Array:
+  """``sparse_fn`` of the student's logits ``head(h)``, formed chunk by chunk (recomputed for the VJP)."""
+  _reduce.check_positive_int("chunk_size", chunk_size)
+  hs = jnp.asarray(student_hidden)
+  head = _vocab._check_head("student", hs, _vocab.Head(student_unembed, student_bias, student_softcap))
+  lead = hs.shape[:-1]
+  vocab = _vocab._check_vocab(vocab, [head.kernel.shape[1]])
+  flat = _flat_teacher(teacher_ids, teacher_logprobs, teacher_log_tail, lead, math.inf)
+  k = flat[0].shape[-1]
+  teacher = (flat[0].reshape(lead + (k,)), flat[1].reshape(lead + (k,)), flat[2].reshape(lead))
+  mask = _reduce.mask_or_ones(where, lead)
+
+  def loss(z, tokens, shared, mask):
+    return sparse_fn(z, *tokens, where=mask, **shared, **hyper)
+
+  return _vocab.chunked_student_values(loss, _reduce.mask_inputs(hs, mask), head, teacher, ids, mask,
+                                       chunk_size=chunk_size, vocab=vocab)
+
+
+def chunked_sparse_uld(
+    student_hidden: ArrayLike,
+    student_unembed: ArrayLike,
+    teacher_ids: ArrayLike,
+    teacher_logprobs: ArrayLike,
+    teacher_log_tail: ArrayLike,
+    *,
+    temperature: float = 1.0,
+    where: ArrayLike | None = None,
+    chunk_size: int = _vocab.DEFAULT_CHUNK_SIZE,
+    student_bias: ArrayLike | None = None,
+    student_softcap: Optional[float] = None,
+    vocab: Optional[int] = None,
+) -> jax.Array:
+  """:func:`sparse_uld` of ``h_S @ W_S + b_S``, never materializing `[N, Vs]` logits.
+
+  Equal (value and gradients w.r.t. hidden states, unembedding and bias) to
+  ``sparse_uld(head(h_S), ids, logprobs, log_tail, ...)``; each chunk's logits are recomputed in
+  the backward pass.
+
+  Args:
+    student_hidden: `[N, D]` or `[B, T, D]` final student hidden states.
+    student_unembed: `[D, Vs]` student unembedding.
+    teacher_ids, teacher_logprobs, teacher_log_tail: as in :func:`sparse_uld` (token axes of
+      ``student_hidden``).
+    temperature: T > 0.
+    where: optional boolean mask broadcastable to the token axes.
+    chunk_size: sequence positions per chunk (a positive integer).
+    student_bias: optional `[Vs]` bias.
+    student_softcap: optional final logit soft-capping.
+    vocab: only the first ``vocab`` columns count (a padded vocabulary).
+
+  Returns:
+    `[N]` or `[B, T]` float32 per-position distance.
+  """
+  _reduce.check_range("temperature", temperature, low=0, low_open=True)
+  return _chunked(sparse_uld, student_hidden, student_unembed, teacher_ids, teacher_logprobs, teacher_log_tail,
+                  where=where, chunk_size=chunk_size, student_bias=student_bias, student_softcap=student_softcap,
+                  vocab=vocab, ids={}, temperature=temperature)
+
+
+def chunked_sparse_hybrid_uld(
+    student_hidden: ArrayLike,
+    student_unembed: ArrayLike,
+    teacher_ids: ArrayLike,
+    teacher_logprobs: ArrayLike,
+    teacher_log_tail: ArrayLike,
+    *,
+    student_shared_ids: ArrayLike,
+    teacher_shared_ids: ArrayLike,
+    teacher_vocab: int,
+    temperature: float = 1.0,
+    matched_weight: float = 1.0,
+    unmatched_weight: float = 1.0,
+    where: ArrayLike | None = None,
+    chunk_size: int = _vocab.DEFAULT_CHUNK_SIZE,
+    student_bias: ArrayLike | None = None,
+    student_softcap: Optional[float] = None,
+    vocab: Optional[int] = None,
+) -> jax.Array:
+  """:func:`sparse_hybrid_uld` of ``h_S @ W_S + b_S``, never materializing `[N, Vs]` logits.
+
+  Equal (value and student gradients) to ``sparse_hybrid_uld(head(h_S), ids, logprobs, log_tail,
+  ...)``; each chunk's logits are recomputed in the backward pass.
+
+  Args:
+    student_hidden: `[N, D]` or `[B, T, D]` final student hidden states.
+    student_unembed: `[D, Vs]` student unembedding.
+    teacher_ids, teacher_logprobs, teacher_log_tail: as in :func:`sparse_hybrid_uld`.
+    student_shared_ids, teacher_shared_ids, teacher_vocab: as in :func:`sparse_hybrid_uld`.
+    temperature, matched_weight, unmatched_weight: as in :func:`sparse_hybrid_uld`.
+    where: optional boolean mask broadcastable to the token axes.
+    chunk_size: sequence positions per chunk (a positive integer).
+    student_bias: optional `[Vs]` bias.
+    student_softcap: optional final logit soft-capping.
+    vocab: only the first ``vocab`` columns count (a padded vocabulary).
+
+  Returns:
+    `[N]` or `[B, T]` float32 per-position loss.
+  """
+  _reduce.check_range("temperature", temperature, low=0, low_open=True)
+  ids = {"student_shared_ids": jnp.asarray(student_shared_ids, jnp.int32),
+         "teacher_shared_ids": jnp.asarray(teacher_shared_ids, jnp.int32)}
+  return _chunked(sparse_hybrid_uld, student_hidden, student_unembed, teacher_ids, teacher_logprobs,
+                  teacher_log_tail, where=where, chunk_size=chunk_size, student_bias=student_bias,
+                  student_softcap=student_softcap, vocab=vocab, ids=ids, teacher_vocab=teacher_vocab,
+                  temperature=temperature, matched_weight=matched_weight, unmatched_weight=unmatched_weight)

@@ -219,13 +219,9 @@ CHUNKED: dict[str, Callable[..., jax.Array]] = {
 
 
 def _chunkable(terms: Sequence[Term], student, teachers: Mapping[str, Any]) -> bool:
-  """Whether every consumer of ``logits`` has a chunked form and every model it reads is a causal LM head
-  (a cross-tokenizer term: a live teacher's)."""
+  """Whether every consumer of ``logits`` has a chunked form and every live model it reads is a causal LM head."""
   readers = [t for t in terms if "logits" in LOSSES[t.loss].outputs]
   if not readers or any(t.loss not in CHUNKED for t in readers):
-    return False
-  if any(LOSSES[t.loss].inputs == "cross_tokenizer" and isinstance(teachers[n], CachedTeacher)
-         for t in readers for n in t.teachers):
     return False
   live = {n for t in readers for n in t.teachers if not isinstance(teachers[n], CachedTeacher)}
   return all("head" in frozenset(m.capabilities) for m in [student] + [teachers[n] for n in live])
@@ -545,17 +541,23 @@ def _cross_tokenizer_term(x: _Inputs) -> tuple[jax.Array, jax.Array]:
 def _cached_cross_tokenizer_term(x: _Inputs) -> tuple[jax.Array, jax.Array]:
   """uld / hybrid_uld against a cached teacher: its packed top-k + tail per teacher token,
   gathered at the student's span-final positions (``batch["teacher_index"]``) and decoded, against
-  the student's logits (`losses.sparse_uld` / `losses.sparse_hybrid_uld`)."""
+  the student's logits (`losses.sparse_uld` / `losses.sparse_hybrid_uld`), or its final hidden
+  states + head in chunks (`losses.chunked_sparse_uld` / `losses.chunked_sparse_hybrid_uld`)."""
   where = _logit_positions(x) & (x.batch["student_span_end"] == 1)
   teacher = x.cached[x.term.teachers[0]]
   ids, logprobs, log_tail = teacher.decode(losses.span_gather(x.batch[teacher.batch_key], x.batch["teacher_index"]))
   kw = dict(temperature=temperature_at(x.term, x.step), where=where)
   if x.term.loss == "hybrid_uld":
-    values = losses.sparse_hybrid_uld(_student_logits(x), ids, logprobs, log_tail, teacher_vocab=teacher.vocab_size,
-                                      student_shared_ids=jnp.asarray(x.b.shared[0], jnp.int32),
-                                      teacher_shared_ids=jnp.asarray(x.b.shared[1], jnp.int32), **kw)
+    kw.update(teacher_vocab=teacher.vocab_size, student_shared_ids=jnp.asarray(x.b.shared[0], jnp.int32),
+              teacher_shared_ids=jnp.asarray(x.b.shared[1], jnp.int32))
+  if x.chunk_size is not None:
+    s = x.s_out
+    fn = losses.chunked_sparse_hybrid_uld if x.term.loss == "hybrid_uld" else losses.chunked_sparse_uld
+    values = fn(s.final_hidden, s.head.kernel, ids, logprobs, log_tail, chunk_size=x.chunk_size, vocab=x.b.vocab,
+                **_head_kwargs("student", s), **kw)
   else:
-    values = losses.sparse_uld(_student_logits(x), ids, logprobs, log_tail, **kw)
+    fn = losses.sparse_hybrid_uld if x.term.loss == "hybrid_uld" else losses.sparse_uld
+    values = fn(_student_logits(x), ids, logprobs, log_tail, **kw)
   return losses.masked_sum_and_count(values, where)
 
 
