@@ -361,3 +361,32 @@ def test_the_recipe_caches_across_tokenizers_resumes_after_a_kill_and_trains_fro
   rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
   train = [r for r in rows if "train/loss" in r]
   assert train and all(np.isfinite(r[f"train/{k}"]) and r[f"train/{k}"] > 0 for r in train for k in ("uld", "hybrid_uld"))
+
+
+@pytest.mark.multihost
+def test_two_processes_cache_their_own_shards_across_tokenizers(setup, xcache):
+  from multihost_util import free_port, run_workers
+
+  out = setup["root"] / "xcache_two_hosts"
+  cli = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "distill_jax", "cli.py")
+  overrides = [f"teacher.path={setup['teacher']}", "teacher.task=causal_lm", f"teacher.cache={out}",
+               "student.init=path", f"student.path={setup['student']}",
+               "objective.terms=[{loss: uld, temperature: 2.0, weight: 0.5}, {loss: hybrid_uld}]",
+               f"data.source={setup['text']}", "data.max_length=16", "data.global_batch_size=8",
+               "data.validation_split=null", "data.buckets=false", "logging.progress_bar=false", *CACHE]
+  coordinator = f"127.0.0.1:{free_port()}"
+  logs = run_workers(cli, [("cache-teacher", *overrides, f"distributed.coordinator={coordinator}",
+                            "distributed.num_processes=2", f"distributed.process_id={i}") for i in range(2)],
+                     local_devices=2, timeout=600)
+  assert "teacher cache:" in logs[0]
+  got, want = (json.loads((d / "manifest.json").read_text()) for d in (out, xcache))
+  # The same rows, fingerprints (both tokenizers, the data) and sizes.
+  assert {k: v for k, v in got.items() if k != "seconds"} == {k: v for k, v in want.items() if k != "seconds"}
+  reference, fmt = _shards(xcache), teacher_cache.open_cache("teacher", str(xcache)).format
+  assert sorted(_shards(out)) == sorted(reference)
+  for name, path in _shards(out).items():  # the same entries, up to float rounding on other device counts
+    (ids_a, lp_a, _), (ids_b, lp_b, _) = (jax.device_get(teacher_cache.cache_codec.decode(fmt, np.load(p)))
+                                          for p in (path, reference[name]))
+    same = (ids_a == ids_b).all(-1)
+    assert same.mean() > 0.99, name
+    np.testing.assert_allclose(lp_a[same], lp_b[same], atol=0.05, err_msg=name)
