@@ -47,11 +47,14 @@ def test_threefry_reference_matches_the_random123_vector():
 def test_cpu_threefry_is_unrolled_and_gives_the_reference_bits():
   assert step_lib.UNROLLED_CPU_THREEFRY
   key = np.uint32([0x9E3779B9, 0x12345678])
-  count = np.arange(2 * 4099, dtype=np.uint32) * np.uint32(2654435761)
+  half = step_lib.UNROLL_MIN_SIZE + 3
+  count = np.arange(2 * half, dtype=np.uint32) * np.uint32(2654435761)
   fn = jax.jit(jex_random.threefry_2x32)
   assert " while(" not in fn.lower(key, count).compile().as_text()  # no rolled fori_loop of rounds
+  # Below UNROLL_MIN_SIZE the rolled loop stays (the unrolled one costs seconds of compile per call site).
+  assert " while(" in fn.lower(key, count[:2 * 4099]).compile().as_text()
   got = np.asarray(fn(key, count))
-  x0, x1 = threefry2x32_reference((int(key[0]), int(key[1])), count[:4099], count[4099:])
+  x0, x1 = threefry2x32_reference((int(key[0]), int(key[1])), count[:half], count[half:])
   np.testing.assert_array_equal(got, np.concatenate([x0, x1]))
 
 

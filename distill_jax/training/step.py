@@ -49,15 +49,27 @@ def _unrolled_threefry_on_cpu() -> bool:
   then materializes its arrays: drawing one BERT-base layer's dropout masks took 45 ms
   instead of 4 ms, about 0.3 s of a 4.8 s step (issue 18).  Uses jax internals, so it is
   skipped (returns False) if a jax version moves them; the bits do not depend on it.
+  Hashes of fewer than `UNROLL_MIN_SIZE` words keep the rolled loop: the unrolled rounds
+  cost XLA's CPU compiler seconds per call site (a tiny BERT's dropout step took 67 s to
+  compile instead of 14 s) and save nothing measurable on arrays that small.
   """
   try:
     from jax._src.interpreters import mlir  # jax internals, not our modules
     from jax._src.random import threefry2x32
-    rule, primitive = threefry2x32._threefry2x32_lowering_rule, threefry2x32.threefry2x32_p
+    unrolled, rolled = threefry2x32._threefry2x32_lowering_rule, threefry2x32._threefry2x32_cpu_lowering_rule
+    primitive = threefry2x32.threefry2x32_p
   except (ImportError, AttributeError):
     return False
+
+  def rule(ctx, *args):
+    size = int(np.prod(ctx.avals_out[0].shape))
+    return (unrolled if size >= UNROLL_MIN_SIZE else rolled)(ctx, *args)
+
   mlir.register_lowering(primitive, rule, platform="cpu")
   return True
+
+
+UNROLL_MIN_SIZE = 1 << 16  # words per threefry output below which the CPU lowering stays rolled
 
 
 UNROLLED_CPU_THREEFRY = _unrolled_threefry_on_cpu()
