@@ -201,6 +201,59 @@ def breakdown(setup: Setup, steps: int) -> dict:
   return {k: 1e3 * common.median(v) for k, v in times.items()}
 
 
+PROFILE_STEPS = 3
+
+
+def profile_summary(trace_dir: str, hlo_text: str, steps: int, top: int = 25) -> dict:
+  """Per-step milliseconds of the executed XLA ops in a perfetto trace, by op and by category.
+
+  ``trace_dir`` holds a ``jax.profiler.trace(..., create_perfetto_trace=True)`` of `steps`
+  steps; `hlo_text` is the compiled step's optimized HLO, which gives each op its shape and
+  jax ``op_name``.  Categories, first match: ``optimizer`` (under the update's ``cond``),
+  ``vocab`` (a dim of at least 8192: logits and their gradients), ``dot``, ``scan
+  bookkeeping`` (copies, zero broadcasts, dynamic-(update-)slices) and ``elementwise/reduce``.
+  Times are summed over threads, so with intra-op threads they exceed the wall time.
+  """
+  import collections
+  import glob
+  import gzip
+  import json
+  import re
+
+  shapes, names = {}, {}
+  for line in hlo_text.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\S+) ", line)
+    if m and m.group(1) not in shapes:
+      name = re.search(r'op_name="([^"]*)"', line)
+      shapes[m.group(1)], names[m.group(1)] = m.group(2), name.group(1) if name else ""
+  path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
+  with gzip.open(path) as f:
+    events = json.load(f)["traceEvents"]
+  ops = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e.get("name") in shapes:
+      ops[e["name"]] += e.get("dur", 0) / 1e3 / steps
+
+  def category(op: str) -> str:
+    dims = [int(d) for d in re.findall(r"\d+", shapes[op].split("{")[0])]
+    if "/cond/" in names[op]:
+      return "optimizer"
+    if len(dims) >= 2 and max(dims) >= 8192:
+      return "vocab"
+    if "dot_general" in names[op]:
+      return "dot"
+    if re.match(r"copy\.|wrapped_broadcast|.*dynamic", op):
+      return "scan bookkeeping"
+    return "elementwise/reduce"
+
+  by_category = collections.Counter()
+  for op, ms in ops.items():
+    by_category[category(op)] += ms
+  return {"ms_per_step_by_category": dict(by_category.most_common()),
+          "top_ops": [{"op": op, "ms_per_step": ms, "shape": shapes[op], "op_name": names[op][-80:]}
+                      for op, ms in ops.most_common(top)]}
+
+
 def result_row(setup: Setup, runner: JaxRunner, times: list[float], peak: float, peak_source: str) -> dict:
   import jax
 
@@ -235,7 +288,8 @@ def parse_args(argv=None, description: str = __doc__):
                       help="objective.chunk_size: positions per chunk of the logit terms (0: dense [B, T, V] logits)")
   parser.add_argument("--attention", default="xla", help="the models' attention: auto, xla, cudnn (GPU), splash (TPU)")
   parser.add_argument("--breakdown", action="store_true", help="also time teacher fwd / student fwd+bwd / optimizer")
-  parser.add_argument("--profile", default=None, help="write a jax.profiler trace of 3 steps of the first mode here")
+  parser.add_argument("--profile", default=None, help="write a jax.profiler trace (perfetto) of 3 steps of the first mode here and print "
+                      "its per-op and per-category summary (`profile_summary`)")
   parser.add_argument("--dump-hlo", default=None, help="write the first mode's optimized HLO text here")
   return parser
 
@@ -284,9 +338,15 @@ def _run_setup(args, setup: Setup, rows: list, payload: dict, peak: float, peak_
       peak = max(peak, common.matmul_peak(dtype))
     row = result_row(setup, runner, times, peak, peak_source)
     if args.profile and not rows:
-      with jax.profiler.trace(args.profile):
-        for _ in range(3):
+      with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+        for _ in range(PROFILE_STEPS):
           runner.step()
+      summary = profile_summary(args.profile, runner.compiled.as_text(), PROFILE_STEPS)
+      payload["profile"] = summary
+      print("profile, ms per step (summed over threads):", {k: round(v) for k, v in
+                                                             summary["ms_per_step_by_category"].items()})
+      for op in summary["top_ops"]:
+        print(f"  {op['ms_per_step']:8.1f} ms  {op['op']:36s} {op['shape'][:36]:36s} {op['op_name']}")
     if args.dump_hlo and not rows:
       with open(args.dump_hlo, "w") as f:
         f.write(runner.compiled.as_text())

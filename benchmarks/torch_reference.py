@@ -12,7 +12,12 @@ weights in bf16, student f32 weights under ``torch.autocast`` bf16).  ``--compil
 ``torch.compile``d copy of the same loop.
 
 JAX and PyTorch steps alternate, one each per iteration, so machine load hits both alike;
-medians are reported with the JAX/PyTorch throughput ratio (> 1: JAX is faster).
+medians are reported with the JAX/PyTorch throughput ratio (> 1: JAX is faster).  Each step
+also records the process's CPU seconds (``time.process_time``, every thread): on a machine
+shared with other jobs, wall time also measures who waited for a core, CPU time mostly the
+work.  Neither framework's threads keep spinning after a step (checked: a process idle for
+1 s after a step used 0.000 CPU s, PyTorch's OpenMP and XLA's pool alike), so the
+alternation does not steal cores from the other framework.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import common  # noqa: E402
 import step as jax_step  # noqa: E402
 
 TEMPERATURE = 2.0
-COLUMNS = ("preset", "impl", "dtype", "batch", "seq", "step_ms", "tokens_per_s", "compile_s", "jax_over_torch")
+COLUMNS = ("preset", "impl", "dtype", "batch", "seq", "step_ms", "cpu_ms", "tokens_per_s", "compile_s", "jax_over_torch")
 
 
 class TorchRunner:
@@ -155,9 +160,13 @@ def main(argv=None) -> dict:
     for _ in range(args.warmup):
       runner.step()
   times = {name: [] for name in runners}
+  cpu_times = {name: [] for name in runners}
   for _ in range(args.steps):  # alternate: load drifts hit every implementation alike
     for name, runner in runners.items():
-      times[name] += common.time_calls(runner.step, 1)
+      wall, cpu = time.perf_counter(), time.process_time()
+      runner.step()
+      times[name].append(time.perf_counter() - wall)
+      cpu_times[name].append(time.process_time() - cpu)
 
   tokens = batch * seq
   jax_s = common.median(times["jax-jit"]) if "jax-jit" in times else None
@@ -166,8 +175,10 @@ def main(argv=None) -> dict:
     step_s = common.median(times[name])
     compile_s = runner.lower_s + runner.compile_s if name == "jax-jit" else runner.compile_s
     rows.append({"preset": preset.name, "impl": name, "dtype": args.dtype, "batch": batch, "seq": seq,
-                 "step_ms": 1e3 * step_s, "tokens_per_s": tokens / step_s, "compile_s": compile_s,
-                 "jax_over_torch": step_s / jax_s if jax_s else "n/a", "step_times_s": times[name]})
+                 "step_ms": 1e3 * step_s, "cpu_ms": 1e3 * common.median(cpu_times[name]),
+                 "tokens_per_s": tokens / step_s, "compile_s": compile_s,
+                 "jax_over_torch": step_s / jax_s if jax_s else "n/a", "step_times_s": times[name],
+                 "step_cpu_s": cpu_times[name]})
   payload = {"env": common.env_info(), "command": common.command_line(), "results": rows}
   print(common.markdown_table(rows, COLUMNS))
   if args.breakdown:
@@ -189,8 +200,10 @@ def main(argv=None) -> dict:
   print(f"loadavg after: {payload['loadavg']['after']}")
   if jax_s:
     torch_s = common.median(times["torch-eager"])
+    jax_cpu, torch_cpu = (common.median(cpu_times[k]) for k in ("jax-jit", "torch-eager"))
     print(f"RATIO {preset.name} {args.dtype} batch={batch} seq={seq}: JAX/PyTorch-eager throughput "
-          f"{torch_s / jax_s:.2f}x (step median: jax {jax_s:.2f} s, torch-eager {torch_s:.2f} s, "
+          f"{torch_s / jax_s:.2f}x (step median: jax {jax_s:.2f} s, torch-eager {torch_s:.2f} s; "
+          f"CPU s per step: jax {jax_cpu:.2f}, torch-eager {torch_cpu:.2f}, ratio {torch_cpu / jax_cpu:.2f}x; "
           f"{args.steps} alternating steps; loadavg before {load_before}, after {payload['loadavg']['after']})")
   common.write_json(args.out, payload)
   return payload

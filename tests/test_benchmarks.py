@@ -46,6 +46,27 @@ def test_flop_accounting_counts_tied_and_untied_heads():
   assert step["flops_per_step"] == 8 * (step["flops_per_token_teacher"] + step["flops_per_token_student"])
 
 
+def test_profile_summary_splits_a_trace_by_op_and_category(tmp_path):
+  sys.path.insert(0, BENCH)
+  import jax
+  import jax.numpy as jnp
+  import step
+
+  compiled = jax.jit(lambda a, b: jnp.tanh(a @ b) * 2 + jnp.exp(a)).lower(jnp.ones((64, 64)), jnp.ones((64, 64))).compile()
+  a = jnp.ones((64, 64))
+  compiled(a, a).block_until_ready()
+  with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
+    for _ in range(2):
+      compiled(a, a).block_until_ready()
+  summary = step.profile_summary(str(tmp_path), compiled.as_text(), steps=2)
+  hlo = compiled.as_text()
+  assert summary["top_ops"] and all(f"%{op['op']} = " in hlo for op in summary["top_ops"])
+  assert set(summary["ms_per_step_by_category"]) <= {"optimizer", "vocab", "dot", "scan bookkeeping",
+                                                       "elementwise/reduce"}
+  assert sum(summary["ms_per_step_by_category"].values()) == pytest.approx(
+      sum(op["ms_per_step"] for op in summary["top_ops"]))  # every op of this small program is in the top
+
+
 @pytest.mark.slow  # a script end to end (tens of seconds): the second pass
 def test_torch_reference_bf16(tmp_path):
   out = tmp_path / "torch.json"
@@ -54,6 +75,7 @@ def test_torch_reference_bf16(tmp_path):
   rows = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
   assert set(rows) == {"jax-jit", "torch-eager"}
   assert rows["torch-eager"]["jax_over_torch"] > 0
+  assert all(r["cpu_ms"] > 0 and len(r["step_cpu_s"]) == 1 for r in rows.values())
 
 
 @pytest.mark.slow
