@@ -46,10 +46,28 @@ def _batch(seed=0, rows=4, length=8):
   return {"input_ids": ids * mask, "attention_mask": mask}
 
 
+@functools.lru_cache(maxsize=None)
 def _on_policy(student, lmbda, temperature=1.0):
+  """One `OnPolicy` per (student, lmbda, temperature): a jit that takes it as a static argument
+  compiles once for all the tests that use it."""
   sample = functools.partial(generate.generate, student.module, max_new_tokens=NEW, temperature=temperature,
                              eos_token_id=None)
   return on_policy_lib.OnPolicy(lmbda=lmbda, prompt_length=PROMPT, sample=sample)
+
+
+# `sampled_batch` jitted once for the module (its `OnPolicy` argument static); eager, its
+# generation loop dispatched and compiled op by op.
+_sampled_batch = jax.jit(on_policy_lib.sampled_batch, static_argnums=0)
+
+
+def _objective_on(objective, student, teacher, batch, s_params, t_params, step, logit_where=None):
+  """The objective on the two models' logits of `batch`, jitted as one program (a reference)."""
+  def run(batch, s_params, t_params, step, logit_where):
+    t_out = teacher.apply(t_params, batch, outputs=("logits",))
+    s_out = student.apply(s_params, batch, outputs=("logits",))
+    return objective(s_out, {"teacher": t_out}, batch, {}, step, logit_where=logit_where)
+
+  return jax.jit(run)(batch, s_params, t_params, step, logit_where)
 
 
 def _step(student, teacher, on_policy):
@@ -83,8 +101,7 @@ def test_loss_mask_is_the_generated_mask_shifted_to_the_predicting_logits():
 def test_sampled_batch_scores_exactly_the_generated_tokens(llama_pair):
   _, student = llama_pair
   batch = _batch()
-  samples = jax.jit(on_policy_lib.sampled_batch, static_argnums=0)(
-      _on_policy(student, 1.0), student.params, batch, jax.random.key(3))
+  samples = _sampled_batch(_on_policy(student, 1.0), student.params, batch, jax.random.key(3))
   ids, mask = on_policy_lib.left_aligned_prompts(batch["input_ids"], batch["attention_mask"], PROMPT)
   np.testing.assert_array_equal(samples["input_ids"][:, :PROMPT], ids)
   want = np.zeros((4, PROMPT + NEW), np.int32)
@@ -122,15 +139,13 @@ def test_lmbda_one_trains_on_samples_reproducible_from_seed_and_step(llama_pair)
   assert float(metrics["generalized_jsd"][1]) == 3 * NEW
   # The step's samples are those of its (seed, step) key; the next step samples others.
   _, sample_key = on_policy_lib.keys(jax.random.fold_in(state.rng, state.step))
-  samples = on_policy_lib.sampled_batch(on_policy, state.params["student"], batch, sample_key)
+  samples = _sampled_batch(on_policy, state.params["student"], batch, sample_key)
   _, next_key = on_policy_lib.keys(jax.random.fold_in(state.rng, state.step + 1))
-  other = on_policy_lib.sampled_batch(on_policy, state.params["student"], batch, next_key)
+  other = _sampled_batch(on_policy, state.params["student"], batch, next_key)
   assert not np.array_equal(samples["input_ids"], other["input_ids"])
   objective = objective_lib.build_objective(GKD_TERMS, student=student, teachers={"teacher": teacher})
-  t_out = teacher.apply(teacher.params, samples, outputs=("logits",))
-  s_out = student.apply(state.params["student"], samples, outputs=("logits",))
-  loss, _ = objective(s_out, {"teacher": t_out}, samples, {}, state.step,
-                      logit_where=samples["loss_mask"].astype(bool))
+  loss, _ = _objective_on(objective, student, teacher, samples, state.params["student"], teacher.params, state.step,
+                          samples["loss_mask"].astype(bool))
   np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
 
 
@@ -165,9 +180,7 @@ def test_evaluation_of_an_on_policy_run_scores_the_data_rows(llama_pair):
   metrics = jit.eval(state, t_params, batch)
   assert "on_policy" not in metrics
   assert float(metrics["generalized_jsd"][1]) == batch["attention_mask"].sum() == 18  # not 3 * NEW samples
-  s_out = student.apply(student.params, batch, outputs=("logits",))
-  t_out = teacher.apply(teacher.params, batch, outputs=("logits",))
-  loss, want = objective(s_out, {"teacher": t_out}, batch, {}, 0)
+  loss, want = _objective_on(objective, student, teacher, batch, student.params, teacher.params, 0)
   np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
   np.testing.assert_allclose(np.asarray(metrics["generalized_jsd"]), np.asarray(want["generalized_jsd"]), rtol=1e-5)
   _, train_metrics = jit.train(state, t_params, batch)  # while training samples
