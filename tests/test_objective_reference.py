@@ -71,6 +71,12 @@ def _f64(out):
   return jax.tree.map(lambda x: np.asarray(x, np.float64), out)
 
 
+def _outputs(model, params, batch, outputs):
+  """`model.apply`'s `outputs` of `batch` in float64, run as one jitted program (eager, every op
+  of the model would compile on its own)."""
+  return _f64(jax.jit(functools.partial(model.apply, outputs=outputs))(params, batch))
+
+
 def _log_softmax(z):
   z = z - z.max(-1, keepdims=True)
   return z - np.log(np.exp(z).sum(-1, keepdims=True))
@@ -160,8 +166,8 @@ def test_encoder_terms_match_references(encoder_pair):
   metrics, proj = _run_step(objective, student, {"teacher": teacher}, s_params, {"teacher": t_params}, batch)
 
   everything = ("logits", "hidden_states", "attention_scores", "attention_probs", "values")
-  s = _f64(student.apply(s_params, batch, outputs=everything))
-  t = _f64(teacher.apply(t_params, batch, outputs=everything))
+  s = _outputs(student, s_params, batch, everything)
+  t = _outputs(teacher, t_params, batch, everything)
   mask = batch["attention_mask"].astype(bool)
   loss_mask = batch["loss_mask"].astype(bool)
   rows = mask.any(-1)
@@ -266,8 +272,9 @@ def test_decoder_terms_match_references(decoder_trio):
   metrics, _ = _run_step(objective, student, teachers, s_params, {"a": a_params, "b": b_params}, batch)
 
   outs = ("logits", "hidden_states")
-  s = _f64(student.apply(s_params, batch, outputs=outs))
-  a, b = (_f64(teacher.apply(p, batch, outputs=outs)) for p in (a_params, b_params))
+  s = _outputs(student, s_params, batch, outs)
+  t_apply = jax.jit(functools.partial(teacher.apply, outputs=outs))  # one compile for both teachers
+  a, b = (_f64(t_apply(p, batch)) for p in (a_params, b_params))
   mask, loss_mask = batch["attention_mask"].astype(bool), batch["loss_mask"].astype(bool)
   want = {}
   logq = _log_softmax(s.logits)
