@@ -169,18 +169,23 @@ def test_ensemble_of_identical_teachers_is_forward_kl(models):
   batch = make_batch(1, rows=2, length=6)
   # The tiny random models' distributions are almost uniform (KL ~ 5e-7, all float32 noise):
   # sharpen both so the compared KL is of order 1.
-  s = small.apply(small.params, batch)
-  s = s.replace(logits=s.logits * 300.0)
-  t = bert.apply(bert.params, batch)
-  t = t.replace(logits=t.logits * 300.0)
   ens = objective_lib.build_objective([{"loss": "ensemble_kl", "teacher": ["a", "b"], "temperature": 2.0}],
                                       student=small, teachers=teachers)
   kl = objective_lib.build_objective([{"loss": "forward_kl", "teacher": "a", "temperature": 2.0}],
                                      student=small, teachers=teachers)
-  step = jnp.zeros((), jnp.int32)
-  want = kl(s, {"a": t}, batch, {}, step)[0]
+
+  @jax.jit  # one program (eager, every op of the models and the terms compiles on its own)
+  def both(s_params, t_params, batch):
+    s = small.apply(s_params, batch)
+    s = s.replace(logits=s.logits * 300.0)
+    t = bert.apply(t_params, batch)
+    t = t.replace(logits=t.logits * 300.0)
+    step = jnp.zeros((), jnp.int32)
+    return kl(s, {"a": t}, batch, {}, step)[0], ens(s, {"a": t, "b": t}, batch, {}, step)[0]
+
+  want, got = both(small.params, bert.params, batch)
   assert float(want) > 1e-3
-  np.testing.assert_allclose(ens(s, {"a": t, "b": t}, batch, {}, step)[0], want, rtol=1e-5)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 def _mlm_transform(tokenizer):
@@ -227,7 +232,5 @@ def test_loss_from_sums_matches_the_step_loss_on_one_batch(models):
       [{"loss": "hidden_mse", "weight": 2.0, "layers": "last"}, {"loss": "pooled_mse", "weight": 0.5}],
       student=small, teachers={"teacher": bert})
   batch = make_batch(0, rows=3, length=6)
-  s_out = small.apply(small.params, batch, outputs=objective.outputs_for("student"))
-  t_out = bert.apply(bert.params, batch, outputs=objective.outputs_for("teacher"))
-  loss, metrics = objective(s_out, {"teacher": t_out}, batch, {}, jnp.asarray(0))
+  loss, metrics = _metrics(objective, small, bert, batch, {})
   np.testing.assert_allclose(objective.loss_from_sums(jax.device_get(metrics), 0), float(loss), rtol=1e-6)
