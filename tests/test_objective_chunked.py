@@ -92,9 +92,14 @@ def test_ensemble_kl_equals_the_logits_path_and_a_bad_chunk_size_is_refused(setu
   results = []
   for chunk_size in (7, None):
     obj = build_objective(terms, student=student, teachers=teachers, chunk_size=chunk_size)
-    t_outs = {n: teachers[n].apply(params[n], batch, outputs=obj.outputs_for(n)) for n in teachers}
-    s_out = student.apply(s_params, batch, outputs=obj.outputs_for("student"))
-    results.append(obj(s_out, t_outs, batch, {}, np.int32(0))[0])
+
+    @jax.jit  # one program (eager, every op of the models and the chunk loop compiles on its own)
+    def loss(s_params, params, obj=obj):
+      t_outs = {n: teachers[n].apply(params[n], batch, outputs=obj.outputs_for(n)) for n in teachers}
+      s_out = student.apply(s_params, batch, outputs=obj.outputs_for("student"))
+      return obj(s_out, t_outs, batch, {}, np.int32(0))[0]
+
+    results.append(loss(s_params, params))
   np.testing.assert_allclose(results[0], results[1], rtol=1e-5)
   with pytest.raises(ValueError, match=r"^objective.chunk_size: 0 must be a positive integer or null"):
     build_objective(terms, student=student, teachers=teachers, chunk_size=0)
