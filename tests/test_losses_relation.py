@@ -109,7 +109,7 @@ def test_example_mask_excludes_padding_from_the_statistics(name):
   s_bad = s.copy()
   s_bad[~where] = np.nan
   got = jax.jit(lambda s: fn(s, t, where=where))(s_bad)
-  np.testing.assert_allclose(got[where], fn(s[where], t[where]), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(got[where], jax.jit(fn)(s[where], t[where]), rtol=1e-5, atol=1e-7)
   np.testing.assert_array_equal(got[~where], 0.0)
   grad = jax.jit(jax.grad(lambda s: _reduce(name, fn(s, t, where=where), where)))(s_bad)
   assert np.all(np.isfinite(grad)) and np.all(grad[~where] == 0.0)
@@ -117,7 +117,7 @@ def test_example_mask_excludes_padding_from_the_statistics(name):
 
 @pytest.mark.parametrize("name", sorted(EXAMPLE_LOSSES))
 def test_example_relation_invariant_to_global_rescaling(name):
-  fn = EXAMPLE_LOSSES[name][0]
+  fn = jax.jit(EXAMPLE_LOSSES[name][0])  # one compile for all four calls, not op by op
   s, t = _randn(5, B, DS), _randn(6, B, DT)
   np.testing.assert_allclose(fn(7.0 * s, 0.1 * t), fn(s, t), rtol=1e-4, atol=1e-7)
   np.testing.assert_allclose(fn(s, 3.0 * s), 0.0, atol=1e-6)
@@ -148,8 +148,8 @@ def test_token_relation_golden_with_mask(kind):
 
 def test_token_relation_cosine_rescaling_invariant():
   s, t = _randn(9, 2, T, DS), _randn(10, 2, T, DT)
-  np.testing.assert_allclose(
-      losses.token_relation(5.0 * s, t), losses.token_relation(s, 0.2 * t), rtol=1e-4, atol=1e-7)
+  fn = jax.jit(losses.token_relation)
+  np.testing.assert_allclose(fn(5.0 * s, t), fn(s, 0.2 * t), rtol=1e-4, atol=1e-7)
 
 
 ALL = {
@@ -171,6 +171,7 @@ def test_check_grads(name):
 def test_bf16_inputs_give_f32_close_to_f32_path(name):
   shape = (2, T, DS) if name.startswith("token") else (B, DS)
   s, t = _randn(13, *shape), _randn(14, *shape[:-1], DT)
-  got = ALL[name](jnp.asarray(s, jnp.bfloat16), jnp.asarray(t, jnp.bfloat16))
+  fn = jax.jit(ALL[name])
+  got = fn(jnp.asarray(s, jnp.bfloat16), jnp.asarray(t, jnp.bfloat16))
   assert got.dtype == jnp.float32
-  np.testing.assert_allclose(got, ALL[name](s, t), rtol=0.05, atol=0.02)
+  np.testing.assert_allclose(got, fn(s, t), rtol=0.05, atol=0.02)
