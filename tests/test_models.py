@@ -157,7 +157,7 @@ def test_values_match_pytorch_value_projection(checkpoint, family):
   path = checkpoint(family, task)
   model = dm.load_model(path, task=task)
   batch = make_batch(family)
-  out = model.apply(model.params, batch, outputs=("values",))
+  out = jax.jit(lambda p, b: model.apply(p, b, outputs=("values",)))(model.params, batch)  # not op by op
   pt = tiny._TASK_CLASSES[task].from_pretrained(path, attn_implementation="eager").eval()
   layers = pt.bert.encoder.layer if family == "bert" else pt.model.layers
   captured = []
@@ -175,15 +175,16 @@ def test_values_match_pytorch_value_projection(checkpoint, family):
 def test_pooling_cls_and_jit_dropout(checkpoint):
   model = dm.load_model(checkpoint("bert", "masked_lm"), task="masked_lm")
   batch = make_batch("bert")
-  out = model.apply(model.params, batch, outputs=("pooled", "hidden_states"), pooling="cls")
+  out = jax.jit(lambda p, b: model.apply(p, b, outputs=("pooled", "hidden_states"), pooling="cls"))(
+      model.params, batch)
   np.testing.assert_array_equal(out.pooled, out.hidden_states[-1][:, 0])
   apply = jax.jit(lambda p, b, rng: model.apply(p, b, train=True, rng=rng))
   a = apply(model.params, batch, jax.random.key(0)).logits
   b = apply(model.params, batch, jax.random.key(1)).logits
   assert not np.allclose(a, b)  # dropout is on
   np.testing.assert_array_equal(a, apply(model.params, batch, jax.random.key(0)).logits)
-  same = model.apply(model.params, batch, train=True).logits  # no rng: deterministic
-  np.testing.assert_allclose(same, model.apply(model.params, batch).logits, atol=1e-6)
+  same = jax.jit(lambda p, b: model.apply(p, b, train=True))(model.params, batch).logits  # no rng: deterministic
+  np.testing.assert_allclose(same, jax.jit(model.apply)(model.params, batch).logits, atol=1e-6)
 
 
 def test_bfloat16_params_and_compute(checkpoint):
@@ -192,10 +193,10 @@ def test_bfloat16_params_and_compute(checkpoint):
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(model.params))
   ref = dm.load_model(path, task="causal_lm")
   batch = make_batch("llama")
-  out = model.apply(model.params, batch, outputs=("logits", "hidden_states"))
+  out = jax.jit(lambda p, b: model.apply(p, b, outputs=("logits", "hidden_states")))(model.params, batch)
   assert out.hidden_states.dtype == jnp.bfloat16
   valid = batch["attention_mask"].astype(bool)
-  ref_logits = np.asarray(ref.apply(ref.params, batch).logits)
+  ref_logits = np.asarray(jax.jit(ref.apply)(ref.params, batch).logits)
   diff = np.abs(np.asarray(out.logits, np.float32) - ref_logits)[valid]
   assert diff.max() < BF16_TOL  # measured 2.1e-3 (logits up to 0.74)
   # The tolerance is far below what a real mistake does: the model without its last layer.
@@ -203,8 +204,8 @@ def test_bfloat16_params_and_compute(checkpoint):
   short = dataclasses.replace(spec, num_layers=spec.num_layers - 1, layer_windows=spec.layer_windows[:-1],
                               layer_rope=spec.layer_rope[:-1])
   params = {**ref.params, "layers": jax.tree.map(lambda x: x[:-1], ref.params["layers"])}
-  shallow = ref.module.clone(spec=short).apply({"params": params}, jnp.asarray(batch["input_ids"]),
-                                               jnp.asarray(batch["attention_mask"]))["logits"]
+  shallow = jax.jit(ref.module.clone(spec=short).apply)({"params": params}, jnp.asarray(batch["input_ids"]),
+                                                        jnp.asarray(batch["attention_mask"]))["logits"]
   assert np.abs(np.asarray(shallow) - ref_logits)[valid].max() > 10 * BF16_TOL  # measured 0.18
 
 
