@@ -71,7 +71,7 @@ def test_uld_terms_match_the_losses_at_span_ends(pair):
     np.testing.assert_allclose(float(s), float(jnp.sum(values)), rtol=1e-5)
     total += float(s) / float(c)
   np.testing.assert_allclose(float(loss), total, rtol=1e-5)
-  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))  # NumPy: no per-leaf compiles
 
 
 def test_same_vocabulary_terms_still_refuse_a_different_tokenizer(pair):
