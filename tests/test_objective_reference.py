@@ -213,27 +213,34 @@ def test_encoder_terms_match_references(encoder_pair):
   # Attention maps start at layer 1: output index l - 1; values are one per (head, query).
   heads = student.num_heads
   head_mask = np.broadcast_to(mask[:, None, :], (mask.shape[0], heads, mask.shape[1]))
-  want["attention_kl"] = _sum_pairs(
-      _masked(np.asarray(losses.attention_kl(s.attention_probs[i - 1], t.attention_probs[j - 1],
-                                             where=head_mask)), head_mask)
-      for i, j in ((1, 2), (2, 4)))
-  want["attention_mse"] = _sum_pairs(
-      _masked(np.asarray(losses.attention_mse(s.attention_scores[i - 1], t.attention_scores[j - 1],
-                                              where=head_mask, key_mask=mask)), head_mask)
-      for i, j in ((1, 2), (2, 3)))
-  want["value_relation"] = _masked(np.asarray(losses.value_relation_kl(
-      s.values[1], t.values[3], num_heads=heads, where=head_mask, key_mask=mask)), head_mask)
-  want["token_relation"] = _masked(np.asarray(losses.token_relation(
-      s.hidden_states[2], t.hidden_states[4], where=mask, kind="euclidean")), mask)
-
   # Batch relations by slicing: the padded row is dropped, not masked.
   real = np.flatnonzero(rows)
   cls_s, cls_t = s.hidden_states[-1][:, 0], t.hidden_states[-1][:, 0]
-  for name, fn, f_s, f_t in (("similarity_preserving", losses.similarity_preserving, cls_s, cls_t),
-                             ("rkd_distance", losses.rkd_distance, cls_s, cls_t),
-                             ("rkd_angle", losses.rkd_angle, pooled_s, pooled_t)):
-    values = np.asarray(fn(f_s[real], f_t[real]), np.float64)
-    want[name] = (float(values.sum()), float(len(real)))
+  relations = (("similarity_preserving", losses.similarity_preserving, cls_s[real], cls_t[real]),
+               ("rkd_distance", losses.rkd_distance, cls_s[real], cls_t[real]),
+               ("rkd_angle", losses.rkd_angle, pooled_s[real], pooled_t[real]))
+
+  @jax.jit  # the `losses` references in one program (eager, every op compiles on its own: ~150 compiles)
+  def reference_values(s, t, relation_inputs):
+    return {
+        "attention_kl": [losses.attention_kl(s.attention_probs[i - 1], t.attention_probs[j - 1], where=head_mask)
+                         for i, j in ((1, 2), (2, 4))],
+        "attention_mse": [losses.attention_mse(s.attention_scores[i - 1], t.attention_scores[j - 1],
+                                               where=head_mask, key_mask=mask) for i, j in ((1, 2), (2, 3))],
+        "value_relation": losses.value_relation_kl(s.values[1], t.values[3], num_heads=heads, where=head_mask,
+                                                   key_mask=mask),
+        "token_relation": losses.token_relation(s.hidden_states[2], t.hidden_states[4], where=mask,
+                                                kind="euclidean"),
+        **{name: fn(f_s, f_t) for (name, fn, _, _), (f_s, f_t) in zip(relations, relation_inputs)},
+    }
+
+  ref = _f64(reference_values(s, t, [(f_s, f_t) for _, _, f_s, f_t in relations]))
+  want["attention_kl"] = _sum_pairs(_masked(v, head_mask) for v in ref["attention_kl"])
+  want["attention_mse"] = _sum_pairs(_masked(v, head_mask) for v in ref["attention_mse"])
+  want["value_relation"] = _masked(ref["value_relation"], head_mask)
+  want["token_relation"] = _masked(ref["token_relation"], mask)
+  for name, _, _, _ in relations:
+    want[name] = (float(ref[name].sum()), float(len(real)))
 
   weights = {t_["name"] if "name" in t_ else t_["loss"]: t_.get("weight", 1.0) for t_ in ENCODER_TERMS}
   weights["ce"] = _cosine_schedule(0.0, 2.0, 6, STEP)
