@@ -26,11 +26,11 @@ tokens of the aligned pydoc rows to ``WORK/cache`` (the student: ``WORK/student`
 Llama of the shape above over MiniLM's WordPiece, written once with torch seed 1), then
 ``distill-jax train`` from that cache (``teacher.path=null``: the teacher is never loaded) three
 times from the same student and batches: CE (+ ``uld`` at weight 0, see CLI_TERMS), CE + ``uld``,
-CE + ``hybrid_uld`` (weight 1 each,
-T = 1, over the cache's top-k). Reported: the runs' held-out NLL before/after (report.json)
+CE + ``hybrid_uld`` (weight 1 each, T = 1, over the cache's top-k). Reported: the runs' held-out NLL before/after (report.json)
 and at step N/2 (``eval/cross_entropy``), wall seconds per command, the cache's bytes/token.
 
-    python benchmarks/cross_tokenizer.py --teacher DIR --cli-cache WORK --steps 60 --batch 4 --top-k 64 --max-examples 200
+    python benchmarks/cross_tokenizer.py --teacher DIR --cli-cache WORK --steps 80 --batch 4 --top-k 64 \
+        --max-examples 240 --lr 3e-3   (benchmarks/RESULTS.md, "Cross-tokenizer distillation of a real pair")
 """
 
 from __future__ import annotations
@@ -161,7 +161,8 @@ def main(argv=None) -> dict:
   p.add_argument("--eval-rows", type=int, default=64)
   p.add_argument("--out", default=None)
   p.add_argument("--cli-cache", metavar="WORK", help="measure through `distill-jax cache-teacher` + `train` instead")
-  p.add_argument("--max-examples", type=int, default=200, help="--cli-cache: pydoc training paragraphs (data.max_examples)")
+  p.add_argument("--max-examples", type=int, default=240,
+                 help="--cli-cache: pydoc training paragraphs (data.max_examples)")
   p.add_argument("--cache-batch", type=int, default=8, help="--cli-cache: rows per teacher forward (cache.batch_size)")
   args = p.parse_args(argv)
   if args.make_teacher:
