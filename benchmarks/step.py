@@ -47,7 +47,7 @@ class Setup:
 
   def __init__(self, preset: common.Preset, dtype: str, *, batch: int, seq: int, seed: int = 0,
                teacher_layers: int | None = None, remat: str = "none", attention: str = "xla",
-               chunk_size: int | None = 128):
+               chunk_size: int | None = 128, layer_loop: str = "auto"):
     import jax
     import jax.numpy as jnp
 
@@ -64,7 +64,9 @@ class Setup:
     self.student = models.init_student(self.teacher, num_layers=min(preset.student_layers, self.teacher.num_layers),
                                        seed=seed + 1, remat=remat)
     impl = layers.resolve_attention(attention, jax.default_backend(), field="--attention")
-    self.teacher, self.student = (dataclasses.replace(m, module=m.module.clone(attention_impl=impl))
+    unroll = layers.resolve_layer_loop(layer_loop, jax.default_backend(), field="--layer-loop")
+    self.teacher, self.student = (dataclasses.replace(m, module=m.module.clone(attention_impl=impl,
+                                                                                unroll_layers=unroll))
                                   for m in (self.teacher, self.student))
     teacher_params = self.teacher.params
     if dtype != "float32":
@@ -286,6 +288,8 @@ def parse_args(argv=None, description: str = __doc__):
   parser.add_argument("--remat", default="none", help="the student's remat policy: none, full, dots")
   parser.add_argument("--chunk-size", type=int, default=128,
                       help="objective.chunk_size: positions per chunk of the logit terms (0: dense [B, T, V] logits)")
+  parser.add_argument("--layer-loop", default="auto", help="the models' layer stack: auto (unroll on CPU, else "
+                      "scan), scan, unroll (train.layer_loop)")
   parser.add_argument("--attention", default="xla", help="the models' attention: auto, xla, cudnn (GPU), splash (TPU)")
   parser.add_argument("--breakdown", action="store_true", help="also time teacher fwd / student fwd+bwd / optimizer")
   parser.add_argument("--profile", default=None, help="write a jax.profiler trace (perfetto) of 3 steps of the first mode here and print "
@@ -308,7 +312,7 @@ def main(argv=None) -> dict:
     peak, peak_source = common.device_peak(dtype)
     for depth in (args.teacher_layers.split(",") if args.teacher_layers else [None]):
       setup = Setup(preset, dtype, batch=batch, seq=seq, remat=args.remat, attention=args.attention,
-                    chunk_size=args.chunk_size or None,
+                    chunk_size=args.chunk_size or None, layer_loop=args.layer_loop,
                     teacher_layers=None if depth is None else int(depth))
       peak = _run_setup(args, setup, rows, payload, peak, peak_source)
   print()

@@ -151,7 +151,7 @@ def main(argv=None) -> dict:
   print(f"loadavg before: {load_before}", flush=True)
   runners = {}
   if not args.no_jax:
-    setup = jax_step.Setup(preset, args.dtype, batch=batch, seq=seq)
+    setup = jax_step.Setup(preset, args.dtype, batch=batch, seq=seq, layer_loop=args.layer_loop)
     runners["jax-jit"] = jax_step.JaxRunner(setup, "jit")
   runners["torch-eager"] = TorchRunner(preset, args.dtype, batch=batch, seq=seq)
   if args.compile:

@@ -136,6 +136,7 @@ def test_a_cross_tokenizer_objective_is_chunked_and_equals_the_logits_path(setup
   assert run.objective.chunk_size == losses.DEFAULT_CHUNK_SIZE
   assert run.objective.outputs_for("teacher") == run.objective.outputs_for("student") == ("final_hidden", "head")
   teacher, student = run.teachers["teacher"], run.student
+  assert teacher.module.unroll_layers and student.module.unroll_layers  # train.layer_loop auto on CPU
   build = lambda chunk_size: objective_lib.build_objective(  # noqa: E731
       run.config.resolved_terms(), student=student, teachers=run.teachers, chunk_size=chunk_size)
   batch = next(iter(data.eval_batches(run.eval_examples, global_batch_size=8, process_index=0, process_count=1)))

@@ -463,3 +463,18 @@ def test_tied_decoder_copy_must_equal_the_embeddings(checkpoints, loaded):
     enc.params_from_hf({**state, "cls.predictions.decoder.weight": embedding}, spec, task)
   with pytest.raises(ValueError, match="^checkpoint: cls.predictions.decoder.weight differs from the word "):
     enc.params_from_hf({**state, "cls.predictions.decoder.weight": embedding + 1}, spec, task)
+
+
+def test_add_bias_gradient_is_the_autodiff_sum():
+  """The MLM head's bias add (`layers.add_bias`): the bias gradient is `ones @ g`, equal to autodiff's sum."""
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  x, b, g = (jax.random.normal(k1, (3, 5, 11)), jax.random.normal(k2, (11,)),
+             jax.random.normal(k3, (3, 5, 11)))
+  run = jax.jit(lambda f, x, b: jax.vjp(f, x, b)[1](g), static_argnums=0)
+  dx, db = run(layers.add_bias, x, b)
+  ref_dx, ref_db = run(lambda x, b: x + b, x, b)
+  np.testing.assert_array_equal(dx, ref_dx)
+  np.testing.assert_allclose(db, ref_db, rtol=1e-6, atol=1e-6)
+  assert db.dtype == b.dtype and jnp.array_equal(layers.add_bias(x, b), x + b)
+  _, db16 = run(layers.add_bias, x, b.astype(jnp.bfloat16))
+  assert db16.dtype == jnp.bfloat16

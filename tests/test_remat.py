@@ -109,3 +109,38 @@ def test_activation_spec_rules():
   assert layers.activation_spec(("batch", "length", "embed"), (8, 16, 32), one) == P("data", None, None)
   x = jnp.ones((8, 4))
   assert layers.constrain(x, ("batch", "embed"), None) is x  # no mesh: the identity (one device, pmap)
+
+
+def _dropout_loss(module, params, ids, mask):
+  """`_loss` in train mode: dropout on, so the per-layer rng split is compared too."""
+  out = module.apply({"params": params}, ids, mask, deterministic=False, rngs={"dropout": jax.random.key(3)})
+  return jnp.sum(jax.nn.log_softmax(out["logits"])[..., 7] * mask) / jnp.sum(mask), out["logits"]
+
+
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_unrolled_layers_equal_the_scan(family):
+  """`train.layer_loop: unroll` runs the same params and rng streams as the scan: same numbers."""
+  model = _model(family)
+  run = lambda module: jax.jit(jax.value_and_grad(  # noqa: E731
+      functools.partial(_dropout_loss, module), has_aux=True))(model.params, *_batch())
+  (loss, logits), grads = run(model.module.clone(unroll_layers=True))
+  (ref_loss, ref_logits), ref_grads = run(model.module)
+  np.testing.assert_allclose(logits, ref_logits, atol=1e-6)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5), grads, ref_grads)
+  # Unrolled, the forward has no loop over the layers; the scan has one.
+  forward = lambda module: jax.jit(lambda p, ids, mask: module.apply({"params": p}, ids, mask)["logits"]).lower(  # noqa: E731
+      model.params, *_batch()).as_text()
+  assert "stablehlo.while" not in forward(model.module.clone(unroll_layers=True))
+  assert "stablehlo.while" in forward(model.module)
+
+
+def test_resolve_layer_loop_by_platform_and_refusals():
+  assert [layers.resolve_layer_loop("auto", p) for p in ("cpu", "tpu", "gpu", "cuda")] == [True, False, False, False]
+  assert [layers.resolve_layer_loop(n, "cpu") for n in ("scan", "unroll")] == [False, True]
+  assert [layers.resolve_layer_loop(n, "tpu") for n in ("scan", "unroll")] == [False, True]
+  with pytest.raises(ValueError, match=r"^train.layer_loop: unknown 'loop'; allowed: auto, scan, unroll$"):
+    layers.resolve_layer_loop("loop", "cpu")
+  assert [sections.TrainConfig(layer_loop=n).layer_loop for n in layers.LAYER_LOOPS] == list(layers.LAYER_LOOPS)
+  with pytest.raises(ValueError, match="train.layer_loop"):
+    sections.TrainConfig(layer_loop="loop")

@@ -253,8 +253,9 @@ def build_plan(cfg: config_lib.Config, topology: Topology, devices: Sequence[Any
     models.check_vocab(teachers[main], student)
   # The attention kernel the config selects on a TPU (auto: splash) and the activation constraints on the mesh.
   attention_impl = layers.resolve_attention(cfg.train.attention, devices[0].platform)
-  student = run_setup.runtime_model(student, attention_impl, mesh)
-  teachers = {n: run_setup.runtime_model(t, attention_impl, mesh) for n, t in teachers.items()}
+  unroll_layers = layers.resolve_layer_loop(cfg.train.layer_loop, devices[0].platform)
+  student = run_setup.runtime_model(student, attention_impl, mesh, unroll_layers)
+  teachers = {n: run_setup.runtime_model(t, attention_impl, mesh, unroll_layers) for n, t in teachers.items()}
   optimizer = cfg.optimizer.build(cfg.train.steps)
   projections = jax.eval_shape(objective.init_projections, jax.random.PRNGKey(0))
   state = jax.eval_shape(functools.partial(state_lib.create_train_state, optimizer=optimizer, seed=cfg.train.seed),

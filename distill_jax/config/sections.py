@@ -10,7 +10,7 @@ import optax
 from pydantic import BeforeValidator, Field, StrictFloat, model_validator
 
 from distill_jax import optim
-from distill_jax.models.layers import ATTENTION_IMPLS, REMAT_POLICIES
+from distill_jax.models.layers import ATTENTION_IMPLS, LAYER_LOOPS, REMAT_POLICIES
 from distill_jax.schema import (SELF_TEACHER, Bool, DType, Fraction, Int, NonNegFloat, NonNegInt, PosFloat,
                                        PosInt, Section, Task, Unit, UnitOpen, field_of, invalid, section)
 
@@ -234,6 +234,9 @@ class TrainConfig(Section):
   # attention kernel of every model (distill_jax.models.layers.ATTENTION_IMPLS): auto (splash on TPU, cuDNN
   # on GPU, else XLA), xla, cudnn (GPU), splash (TPU); what a kernel can't do (maps, dropout) falls back, logged
   attention: Literal[ATTENTION_IMPLS] = "auto"
+  # every model's layer stack (distill_jax.models.layers.LAYER_LOOPS): auto (unroll on CPU, else scan), scan
+  # (one compiled layer body: compile time flat in depth), unroll (no per-layer slicing and stacking)
+  layer_loop: Literal[LAYER_LOOPS] = "auto"
 
   @model_validator(mode="after")
   def _rules(self):

@@ -235,6 +235,7 @@ class Decoder(nn.Module):
     dtype: compute dtype (params may be float32 or bf16; norms and softmax run in float32).
     remat: one of `layers.REMAT_POLICIES`: what the layer scan saves for the backward pass.
     attention_impl: one of `layers.MODULE_ATTENTION` (None: XLA's); see `layers.attend`.
+    unroll_layers: run the layer scan fully unrolled (`layers.resolve_layer_loop`); same params.
     mesh: a ``(data, fsdp, tensor)`` mesh: the layers' activations carry sharding constraints
       (`layers.constrain`) and splash runs under `shard_map`; None (one device, pmap): no constraints.
   """
@@ -244,6 +245,7 @@ class Decoder(nn.Module):
   dtype: Any = jnp.float32
   remat: str = "none"
   attention_impl: Optional[str] = None
+  unroll_layers: bool = False
   mesh: Optional[Any] = None
 
   @nn.compact
@@ -301,7 +303,8 @@ class Decoder(nn.Module):
     if not spec.is_gpt2:
       xs["inv_freq"] = _layer_inv_freq(spec, position_ids_BxT)
     ctx = {"positions": position_ids_BxT, "key_mask": attention_mask_BxT, "cache_index": cache_index}
-    stack = layers.scan_layers(_Layer, spec.num_layers, self.remat, in_axes=(0, nn.broadcast))
+    stack = layers.scan_layers(_Layer, spec.num_layers, self.remat, in_axes=(0, nn.broadcast),
+                               unroll=self.unroll_layers)
     (out_BxTxH, cache), ys = stack(spec, dtype, want, deterministic, self.attention_impl, self.mesh, name="layers")(
         (x_BxTxH, cache), xs, ctx)
     last_BxTxH = _norm(spec, dtype, "final_norm")(out_BxTxH)

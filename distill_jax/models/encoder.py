@@ -146,6 +146,7 @@ class Encoder(nn.Module):
     dtype: computation dtype (LayerNorm statistics and softmax are float32; logits too).
     remat: one of `layers.REMAT_POLICIES` for the layer scan.
     attention_impl: one of `layers.MODULE_ATTENTION` (None: XLA's); see `layers.attend`.
+    unroll_layers: run the layer scan fully unrolled (`layers.resolve_layer_loop`); same params.
     mesh: a ``(data, fsdp, tensor)`` mesh for the activations' sharding constraints (None: none).
   """
 
@@ -154,6 +155,7 @@ class Encoder(nn.Module):
   dtype: Any = jnp.float32
   remat: str = "none"
   attention_impl: Optional[str] = None
+  unroll_layers: bool = False
   mesh: Optional[Any] = None
 
   @nn.compact
@@ -200,7 +202,8 @@ class Encoder(nn.Module):
     x_BxTxH = nn.Dropout(s.hidden_dropout_prob)(x_BxTxH, deterministic=deterministic)
 
     maps = frozenset(want) & {"hidden_states", "attention_probs", "attention_scores", "values"}
-    stack = layers.scan_layers(_Layer, s.num_layers, self.remat, in_axes=(nn.broadcast, nn.broadcast))
+    stack = layers.scan_layers(_Layer, s.num_layers, self.remat, in_axes=(nn.broadcast, nn.broadcast),
+                               unroll=self.unroll_layers)
     mask_Bx1xTxT = layers.attention_mask(attention_mask_BxT, t, causal=False)
     h_BxTxH, ys = stack(spec=s, dtype=self.dtype, attention_impl=self.attention_impl, want=maps,
                         deterministic=deterministic, mesh=self.mesh, name="layers")(
@@ -228,7 +231,7 @@ class Encoder(nn.Module):
                                   name="mlm_decoder", stddev=std)(x_BxTxH)
     bias_V = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vocab",)),
                         (s.vocab_size,), jnp.float32)
-    return logits_BxTxV.astype(jnp.float32) + bias_V.astype(jnp.float32)
+    return layers.add_bias(logits_BxTxV.astype(jnp.float32), bias_V.astype(jnp.float32))
 
   def _classifier_logits(self, first_BxH: jax.Array, deterministic: bool) -> jax.Array:
     s = self.spec

@@ -165,10 +165,12 @@ def _with_param_dtype(model: Any, param_dtype: str) -> Any:
   return dataclasses.replace(model, params=jax.tree.map(cast, model.params))
 
 
-def runtime_model(model: Any, attention_impl: str, mesh: Optional[Any]) -> Any:
-  """`model` whose module runs `attention_impl` (`layers.resolve_attention`) and constrains its
-  activations on `mesh` (None: no constraints, as on one device or under pmap)."""
-  return dataclasses.replace(model, module=model.module.clone(attention_impl=attention_impl, mesh=mesh))
+def runtime_model(model: Any, attention_impl: str, mesh: Optional[Any], unroll_layers: Optional[bool] = None) -> Any:
+  """`model` whose module runs `attention_impl` (`layers.resolve_attention`), constrains its
+  activations on `mesh` (None: no constraints, as on one device or under pmap) and, when
+  `unroll_layers` is given, unrolls its layer stack or not (`layers.resolve_layer_loop`)."""
+  unroll = {} if unroll_layers is None else {"unroll_layers": unroll_layers}
+  return dataclasses.replace(model, module=model.module.clone(attention_impl=attention_impl, mesh=mesh, **unroll))
 
 
 def _load_models(cfg: config_lib.Config) -> tuple[Any, dict[str, Any]]:
@@ -433,6 +435,7 @@ def build_run(cfg: config_lib.Config) -> Run:
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) if cfg.mesh.mode == "jit" else None
   devices = jax.devices() if mesh is None else list(mesh.devices.flat)
   attention_impl = layers.resolve_attention(cfg.train.attention, devices[0].platform)
+  unroll_layers = layers.resolve_layer_loop(cfg.train.layer_loop, devices[0].platform)
   if cfg.data.global_batch_size % len(devices):
     raise ValueError(f"data.global_batch_size={cfg.data.global_batch_size} is not divisible by the "
                      f"{len(devices)} devices")
@@ -454,8 +457,8 @@ def build_run(cfg: config_lib.Config) -> Run:
     else:
       cache.check(tokenizer, {"train": train_ex, "validation": eval_ex})
   student, teachers = _load_models(cfg)
-  student = runtime_model(student, attention_impl, mesh)
-  teachers = {n: runtime_model(t, attention_impl, mesh) for n, t in teachers.items()}
+  student = runtime_model(student, attention_impl, mesh, unroll_layers)
+  teachers = {n: runtime_model(t, attention_impl, mesh, unroll_layers) for n, t in teachers.items()}
   objective = objective_lib.build_objective(cfg.resolved_terms(), student=student, teachers={**teachers, **caches},
                                             chunk_size=cfg.objective.chunk_size)
   shared_vocab = None
