@@ -16,13 +16,16 @@ medians are reported with the JAX/PyTorch throughput ratio (> 1: JAX is faster).
 also records the process's CPU seconds (``time.process_time``, every thread): on a machine
 shared with other jobs, wall time also measures who waited for a core, CPU time mostly the
 work.  Neither framework's threads keep spinning after a step (checked: a process idle for
-1 s after a step used 0.000 CPU s, PyTorch's OpenMP and XLA's pool alike), so the
-alternation does not steal cores from the other framework.
+1 s after a step used 0.000 CPU s, PyTorch's OpenMP and XLA's pool alike; 0.05 s after a
+PyTorch step too), so the alternation does not steal cores from the other framework.  The
+kernel's share of the CPU seconds (``step_sys_s``: mostly page faults of each step's fresh
+allocations) is recorded too: it is not the same alone and alternating (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import sys
 import time
 
@@ -161,12 +164,14 @@ def main(argv=None) -> dict:
       runner.step()
   times = {name: [] for name in runners}
   cpu_times = {name: [] for name in runners}
+  sys_times = {name: [] for name in runners}  # kernel CPU s (page faults of fresh allocations, mostly)
   for _ in range(args.steps):  # alternate: load drifts hit every implementation alike
     for name, runner in runners.items():
-      wall, cpu = time.perf_counter(), time.process_time()
+      wall, cpu, kernel = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_stime
       runner.step()
       times[name].append(time.perf_counter() - wall)
       cpu_times[name].append(time.process_time() - cpu)
+      sys_times[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_stime - kernel)
 
   tokens = batch * seq
   jax_s = common.median(times["jax-jit"]) if "jax-jit" in times else None
@@ -178,7 +183,7 @@ def main(argv=None) -> dict:
                  "step_ms": 1e3 * step_s, "cpu_ms": 1e3 * common.median(cpu_times[name]),
                  "tokens_per_s": tokens / step_s, "compile_s": compile_s,
                  "jax_over_torch": step_s / jax_s if jax_s else "n/a", "step_times_s": times[name],
-                 "step_cpu_s": cpu_times[name]})
+                 "step_cpu_s": cpu_times[name], "step_sys_s": sys_times[name]})
   payload = {"env": common.env_info(), "command": common.command_line(), "results": rows}
   print(common.markdown_table(rows, COLUMNS))
   if args.breakdown:
@@ -201,9 +206,11 @@ def main(argv=None) -> dict:
   if jax_s:
     torch_s = common.median(times["torch-eager"])
     jax_cpu, torch_cpu = (common.median(cpu_times[k]) for k in ("jax-jit", "torch-eager"))
+    jax_sys, torch_sys = (common.median(sys_times[k]) for k in ("jax-jit", "torch-eager"))
     print(f"RATIO {preset.name} {args.dtype} batch={batch} seq={seq}: JAX/PyTorch-eager throughput "
           f"{torch_s / jax_s:.2f}x (step median: jax {jax_s:.2f} s, torch-eager {torch_s:.2f} s; "
-          f"CPU s per step: jax {jax_cpu:.2f}, torch-eager {torch_cpu:.2f}, ratio {torch_cpu / jax_cpu:.2f}x; "
+          f"CPU s per step: jax {jax_cpu:.2f}, torch-eager {torch_cpu:.2f}, ratio {torch_cpu / jax_cpu:.2f}x "
+          f"(of which kernel: jax {jax_sys:.2f}, torch-eager {torch_sys:.2f}); "
           f"{args.steps} alternating steps; loadavg before {load_before}, after {payload['loadavg']['after']})")
   common.write_json(args.out, payload)
   return payload

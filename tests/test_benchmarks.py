@@ -75,7 +75,7 @@ def test_torch_reference_bf16(tmp_path):
   rows = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
   assert set(rows) == {"jax-jit", "torch-eager"}
   assert rows["torch-eager"]["jax_over_torch"] > 0
-  assert all(r["cpu_ms"] > 0 and len(r["step_cpu_s"]) == 1 for r in rows.values())
+  assert all(r["cpu_ms"] > 0 and len(r["step_cpu_s"]) == len(r["step_sys_s"]) == 1 for r in rows.values())
 
 
 @pytest.mark.slow
@@ -109,3 +109,18 @@ def test_teacher_cache_quick(tmp_path):
   assert set(result["precision"]) == {f"value_bits_{b}" for b in range(4, 9)}
   for run in result["training"].values():
     assert run["held_out_kl_after"] < run["held_out_kl_before"]
+
+
+@pytest.mark.slow  # imports jax and torch in a subprocess
+def test_cpu_gemm(tmp_path):
+  out = tmp_path / "gemm.json"
+  stdout = _run("cpu_gemm.py", "--tokens", "16", "--hidden", "8", "--ffn", "16", "--vocab", "40", "--repeats", "1",
+                "--out", str(out))
+  rows = json.loads(out.read_text())["results"]
+  assert [r["case"] for r in rows] == ["square_2048", "mlp_in", "mlp_out", "mlp_dw", "logits", "head_dx", "head_dw"]
+  assert [(r["m"], r["k"], r["n"]) for r in rows[1:]] == [(16, 8, 16), (16, 16, 8), (8, 16, 16), (16, 8, 40),
+                                                         (16, 40, 8), (40, 16, 8)]
+  assert all(r["jax_GFLOPs"] > 0 and r["torch_GFLOPs"] > 0 for r in rows) and "| logits | 16 | 8 | 40 |" in stdout
+  bad = subprocess.run([sys.executable, os.path.join(BENCH, "cpu_gemm.py"), "--repeats", "0"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, check=False)
+  assert bad.returncode == 1 and bad.stderr.strip() == "--repeats: must be a positive integer, got 0"
