@@ -1,7 +1,7 @@
 """One distillation train step: step time, tokens/s, compile time, memory and MFU.
 
     python benchmarks/step.py --preset bert-base [--batch 8] [--seq 128] [--modes jit,sharded,pmap]
-        [--dtypes float32,bfloat16] [--steps 20] [--warmup 2] [--out step.json]
+        [--dtypes float32,bfloat16] [--steps 20] [--warmup 2] [--layer-loop auto|scan|unroll] [--out step.json]
 
 The step is the product's `distill_jax.training.step.train_step`: teacher forward (no gradient),
 student forward + backward, AdamW update (global-norm clipping 1.0), with the objective
