@@ -476,5 +476,6 @@ def test_add_bias_gradient_is_the_autodiff_sum():
   np.testing.assert_array_equal(dx, ref_dx)
   np.testing.assert_allclose(db, ref_db, rtol=1e-6, atol=1e-6)
   assert db.dtype == b.dtype and jnp.array_equal(layers.add_bias(x, b), x + b)
-  _, db16 = run(layers.add_bias, x, b.astype(jnp.bfloat16))
-  assert db16.dtype == jnp.bfloat16
+  dx16, db16 = run(layers.add_bias, x.astype(jnp.bfloat16), b)  # a bf16 input, a float32 bias
+  assert (dx16.dtype, db16.dtype) == (jnp.bfloat16, jnp.float32)
+  np.testing.assert_allclose(db16, ref_db, rtol=1e-6, atol=1e-6)

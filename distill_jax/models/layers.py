@@ -122,23 +122,24 @@ def dense(features: int | Sequence[int], axes: tuple[str, ...], *, use_bias: boo
 def add_bias(x: jax.Array, bias: jax.Array) -> jax.Array:
   """``x + bias`` over the last axis, whose bias gradient is a matrix-vector product.
 
-  Autodiff's gradient is ``sum`` of the cotangent over every leading axis: a column reduction of
-  a ``[tokens, V]`` array, which XLA's CPU backend runs several times slower than the
-  equivalent ``ones @ cotangent`` (measured on the 30,522-wide BERT MLM head: ~75 ms a step).
-  The numbers are the same sum; the accumulation order may differ.
+  Autodiff's bias gradient is a ``sum`` of the cotangent over every leading axis: a column
+  reduction of a ``[tokens, V]`` array, which XLA's CPU backend runs slowly; ``ones @ cotangent``
+  is the same sum (the accumulation order may differ). On the 30,522-wide BERT MLM head the
+  head's gradient went from 945 to 870 ms (benchmarks/RESULTS.md).
   """
   return x + bias
 
 
 def _add_bias_fwd(x, bias):
-  return x + bias, jnp.zeros((), bias.dtype)
+  return x + bias, (jnp.zeros((), x.dtype), jnp.zeros((), bias.dtype))  # only the dtypes are kept
 
 
-def _add_bias_bwd(bias_dtype, g):
+def _add_bias_bwd(zeros, g):
+  x_zero, bias_zero = zeros
   g_NxV = g.reshape(-1, g.shape[-1])
   ones_N = jnp.ones((g_NxV.shape[0],), g.dtype)
   db_V = jnp.einsum("n,nv->v", ones_N, g_NxV, preferred_element_type=jnp.float32)
-  return g, db_V.astype(bias_dtype.dtype)
+  return g.astype(x_zero.dtype), db_V.astype(bias_zero.dtype)
 
 
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
@@ -322,8 +323,8 @@ def resolve_layer_loop(name: str, platform: str, field: str = "train.layer_loop"
   `auto` unrolls on CPU and scans elsewhere. A scan compiles one layer body whatever the depth,
   but each iteration slices its layer's weights out of the stacked params, and the backward
   pass stacks residuals and per-layer gradients in zero-initialized buffers: on an accelerator
-  that bookkeeping is small next to the matmuls, on a CPU it was ~10% of a BERT-base step
-  (benchmarks/RESULTS.md). Unrolled, the indices are static and most of it folds away; the
+  that bookkeeping is small next to the matmuls; on a CPU, unrolling made a BERT-base step 13%
+  faster (benchmarks/RESULTS.md). Unrolled, the indices are static and most of it folds away; the
   compile time then grows with depth. A bad name is a one-line `ValueError` naming `field`.
   """
   if name not in LAYER_LOOPS:
