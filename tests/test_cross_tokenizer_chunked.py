@@ -132,11 +132,15 @@ def test_bad_arguments_are_one_line():
 
 
 def test_a_cross_tokenizer_objective_is_chunked_and_equals_the_logits_path(setup):  # noqa: F811
-  run = run_setup.build_run(_config(setup, "chunked"))  # the default objective.chunk_size
+  # The default objective.chunk_size. Scanned layers: the model is then one compiled loop body in both
+  # programs below, so both objectives see the same hidden states; unrolled, XLA fuses the model's
+  # ops with each objective's differently, and the sorted L1's near-ties flip with that rounding
+  # (a .ci/run saw 3% of one gradient's entries differ by up to 1.5e-4).
+  run = run_setup.build_run(_config(setup, "chunked", "train.layer_loop=scan"))
   assert run.objective.chunk_size == losses.DEFAULT_CHUNK_SIZE
   assert run.objective.outputs_for("teacher") == run.objective.outputs_for("student") == ("final_hidden", "head")
   teacher, student = run.teachers["teacher"], run.student
-  assert teacher.module.unroll_layers and student.module.unroll_layers  # train.layer_loop auto on CPU
+  assert not (teacher.module.unroll_layers or student.module.unroll_layers)
   build = lambda chunk_size: objective_lib.build_objective(  # noqa: E731
       run.config.resolved_terms(), student=student, teachers=run.teachers, chunk_size=chunk_size)
   batch = next(iter(data.eval_batches(run.eval_examples, global_batch_size=8, process_index=0, process_count=1)))

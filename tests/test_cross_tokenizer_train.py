@@ -55,6 +55,7 @@ def _config(setup, run, *extra, recipe=None):
 
 def test_the_teacher_runs_on_its_own_tokens_and_the_step_equals_the_objective(setup):
   run = run_setup.build_run(_config(setup, "direct"))
+  assert run.student.module.unroll_layers and run.teachers["teacher"].module.unroll_layers  # layer_loop auto, CPU
   assert set(alignment.TEACHER_INPUTS.values()) <= set(run.train_examples.row_arrays)
   assert run.shared_vocab is None  # never compared position by position
   batch = next(iter(data.eval_batches(run.eval_examples, global_batch_size=8, process_index=0, process_count=1)))
