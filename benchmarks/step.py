@@ -56,6 +56,9 @@ class Setup:
     from distill_jax.objective.objective import build_objective
     from distill_jax.training.state import make_optimizer
 
+    # Bad --attention / --layer-loop: one line before any model is built.
+    impl = layers.resolve_attention(attention, jax.default_backend(), field="--attention")
+    unroll = layers.resolve_layer_loop(layer_loop, jax.default_backend(), field="--layer-loop")
     self.preset, self.dtype, self.batch_size, self.seq = preset, dtype, batch, seq
     self.hf_config = common.hf_config(preset)
     if teacher_layers is not None:
@@ -63,8 +66,6 @@ class Setup:
     self.teacher = models.model_from_config(self.hf_config, preset.task, seed=seed, dtype=dtype)
     self.student = models.init_student(self.teacher, num_layers=min(preset.student_layers, self.teacher.num_layers),
                                        seed=seed + 1, remat=remat)
-    impl = layers.resolve_attention(attention, jax.default_backend(), field="--attention")
-    unroll = layers.resolve_layer_loop(layer_loop, jax.default_backend(), field="--layer-loop")
     self.teacher, self.student = (dataclasses.replace(m, module=m.module.clone(attention_impl=impl,
                                                                                 unroll_layers=unroll))
                                   for m in (self.teacher, self.student))
